@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from protocol import signing
-from protocol.errors import DecodeError, EncodeError, UnsupportedVersionError
+from protocol.errors import DecodeError, EncodeError, SignatureError, UnsupportedVersionError
 from protocol.topics import validate_vin
 
 PROTOCOL_VERSION = 1
@@ -68,7 +68,7 @@ class SignedEnvelope:
 
     def verify(self, public_raw: bytes) -> Envelope:
         if self.envelope.key_id != signing.key_id_for(public_raw):
-            raise signing.SignatureError("envelope key id does not match the device's registered key")
+            raise SignatureError("envelope key id does not match the device's registered key")
         signing.verify(public_raw, self.signature, self.signed)
         return self.envelope
 

@@ -1,0 +1,236 @@
+"""MQTT → ingest pipeline, acknowledging only what the pipeline has durably decided.
+
+Flow: paho delivers a QoS 1 message on the event loop → a bounded queue (its bound is the MQTT 5 Receive
+Maximum we announce, so the broker can never push more than fits: backpressure, not memory growth) → a worker
+drains up to `max_batch` messages, runs the synchronous pipeline in a thread (one durable commit for the lot),
+then PUBACKs each.  If the store fails nothing is acknowledged and the same batch is retried; the broker also
+redelivers unacknowledged messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from broker_bridge.paho_loop import PahoOnAsyncio
+from protocol.errors import TopicError
+from protocol.topics import Channel, parse_topic, subscription
+
+log = logging.getLogger("zhilian.bridge")
+
+
+class IngestResultLike(Protocol):
+    outcome: str
+    reason: str | None
+
+
+IngestMany = Callable[[Sequence[tuple[str | None, bytes]]], Sequence[IngestResultLike]]
+
+
+@dataclass(slots=True)
+class _Inbound:
+    generation: int
+    mid: int
+    qos: int
+    claimed_vin: str | None
+    payload: bytes
+
+
+@dataclass(slots=True)
+class BridgeStats:
+    received: int = 0
+    acked: int = 0
+    bad_topic: int = 0
+    store_failures: int = 0
+    connects: int = 0
+    connected: bool = False
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class MqttBridge:
+    def __init__(
+        self,
+        ingest_many: IngestMany,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        client_id: str = "zhilian-bridge",
+        share_group: str | None = None,
+        receive_maximum: int = 512,
+        max_batch: int = 256,
+        keepalive: int = 30,
+        metrics: CollectorRegistry | None = None,
+    ) -> None:
+        self._ingest_many = ingest_many
+        self.host, self.port = host, port
+        self.client_id = client_id
+        self.share_group = share_group
+        self.receive_maximum = receive_maximum
+        self.max_batch = max_batch
+        self.keepalive = keepalive
+        self.stats = BridgeStats()
+        self._queue: asyncio.Queue[_Inbound] = asyncio.Queue(maxsize=receive_maximum)
+        self._generation = 0
+        self._client: mqtt.Client | None = None
+        self._subscribed = asyncio.Event()
+        reg = metrics if metrics is not None else CollectorRegistry()
+        self._m_received = Counter("zhilian_bridge_received_total", "MQTT messages received", registry=reg)
+        self._m_acked = Counter("zhilian_bridge_acked_total", "MQTT messages acknowledged", registry=reg)
+        self._m_bad_topic = Counter("zhilian_bridge_bad_topic_total", "messages on malformed topics", registry=reg)
+        self._m_store_fail = Counter(
+            "zhilian_bridge_store_failures_total", "pipeline storage failures (batch retried)", registry=reg
+        )
+        self._m_queue = Gauge("zhilian_bridge_queue_depth", "messages waiting for the pipeline", registry=reg)
+        self._m_connected = Gauge("zhilian_bridge_connected", "1 while connected to the broker", registry=reg)
+
+    # --- MQTT callbacks (run on the event loop) ---------------------------------------------------------------
+
+    def _topics(self) -> list[str]:
+        filters = [subscription(Channel.TELEMETRY), subscription(Channel.ALERT)]
+        if self.share_group:
+            filters = [f"$share/{self.share_group}/{f}" for f in filters]
+        return filters
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            log.error("broker refused connection", extra={"reason": str(rc)})
+            return
+        client.subscribe([(t, 1) for t in self._topics()])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.stats.received += 1
+        self._m_received.inc()
+        try:
+            claimed_vin, _ = parse_topic(msg.topic)
+        except TopicError as exc:
+            # Cannot come from a well-behaved device (the ACL confines it to ev/{vin}/); count, log, drop.
+            self.stats.bad_topic += 1
+            self._m_bad_topic.inc()
+            log.warning("message on malformed topic dropped", extra={"topic": msg.topic[:200], "error": str(exc)})
+            self._ack(msg.mid, msg.qos, self._generation)
+            return
+        item = _Inbound(self._generation, msg.mid, msg.qos, claimed_vin, bytes(msg.payload))
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # Cannot happen while the broker honours our Receive Maximum; if it does, leaving the message
+            # unacknowledged makes the broker redeliver it after we reconnect, so nothing is lost.
+            log.error("inbound queue over Receive Maximum; message left unacknowledged", extra={"mid": msg.mid})
+        self._m_queue.set(self._queue.qsize())
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        if self._client is None or generation != self._generation or qos == 0:
+            return  # a message of a dead connection: the broker redelivers it; the ledger dedupes
+        self._client.ack(mid, qos)
+        self.stats.acked += 1
+        self._m_acked.inc()
+
+    # --- worker -----------------------------------------------------------------------------------------------
+
+    async def _worker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            items = [first]
+            while len(items) < self.max_batch and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            self._m_queue.set(self._queue.qsize())
+            await self._process(items, stop)
+
+    async def _process(self, items: list[_Inbound], stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                results = await asyncio.to_thread(self._ingest_many, [(i.claimed_vin, i.payload) for i in items])
+                break
+            except Exception as exc:
+                self.stats.store_failures += 1
+                self._m_store_fail.inc()
+                log.error("pipeline failed; batch not acknowledged, retrying",
+                          extra={"error": repr(exc), "messages": len(items), "backoff_s": backoff})
+                if stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+        for item, res in zip(items, results, strict=True):
+            key = res.outcome if res.reason is None or res.outcome == "duplicate" else f"{res.outcome}:{res.reason}"
+            self.stats.outcomes[key] = self.stats.outcomes.get(key, 0) + 1
+            self._ack(item.mid, item.qos, item.generation)
+
+    # --- connection -------------------------------------------------------------------------------------------
+
+    async def wait_subscribed(self, timeout: float) -> None:
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        worker = asyncio.create_task(self._worker(stop), name="bridge-worker")
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                if worker.done():
+                    raise RuntimeError("bridge worker died") from worker.exception()
+                self._generation += 1
+                client = mqtt.Client(
+                    CallbackAPIVersion.VERSION2,
+                    client_id=self.client_id,
+                    protocol=mqtt.MQTTv5,
+                    manual_ack=True,
+                )
+                client.on_connect = self._on_connect
+                client.on_subscribe = self._on_subscribe
+                client.on_message = self._on_message
+                adapter = PahoOnAsyncio(client, loop)
+                props = Properties(PacketTypes.CONNECT)
+                props.ReceiveMaximum = self.receive_maximum
+                # A persistent session: messages published while the bridge restarts wait for it in the broker.
+                props.SessionExpiryInterval = 3600
+                self._client = client
+                try:
+                    await adapter.connect(self.host, self.port, self.keepalive, properties=props)
+                    self.stats.connects += 1
+                    self.stats.connected = True
+                    self._m_connected.set(1)
+                    backoff = 0.5
+                    log.info("bridge connected", extra={"host": self.host, "port": self.port})
+                    stop_wait = asyncio.ensure_future(stop.wait())
+                    try:
+                        await asyncio.wait({adapter.disconnected, stop_wait, worker},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stop_wait.cancel()
+                    if adapter.disconnected.done():
+                        log.warning("bridge lost broker connection",
+                                    extra={"error": repr(adapter.disconnected.result())})
+                except (OSError, TimeoutError) as exc:
+                    log.warning("bridge cannot reach broker", extra={"error": repr(exc), "backoff_s": backoff})
+                finally:
+                    self.stats.connected = False
+                    self._m_connected.set(0)
+                    self._subscribed.clear()
+                    await adapter.close()
+                if not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    backoff = min(backoff * 2, 15.0)
+        finally:
+            stop.set()
+            # Let an in-flight pipeline batch finish so its acks are not wasted; bounded.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(worker, timeout=10)
+            worker.cancel()

@@ -1,0 +1,82 @@
+"""Fixtures that start real components: a private Mosquitto on a free loopback port, the ingest service with
+its HTTP API under uvicorn, and the MQTT bridge — each stopped afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from broker_bridge.bridge import MqttBridge
+from cloud_ingest.service import IngestService
+from zhilian.broker import MosquittoProcess, free_port
+from zhilian.serve import _Server
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    broker = MosquittoProcess(tmp_path / "mosquitto").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Stack:
+    service: IngestService
+    bridge: MqttBridge
+    api: str
+    admin_key: str
+    viewer_key: str
+    broker: MosquittoProcess
+
+
+@contextlib.asynccontextmanager
+async def running_stack(data_dir: Path, broker: MosquittoProcess) -> AsyncIterator[Stack]:
+    """Ingest service + bridge + HTTP API on one loop, as `zhilian serve` runs them."""
+    service = IngestService.open(data_dir)
+    admin = service.registry.create_api_key("admin", "test-admin")
+    viewer = service.registry.create_api_key("viewer", "test-viewer")
+    stop = asyncio.Event()
+    bridge = MqttBridge(
+        service.pipeline.ingest_many, host=broker.host, port=broker.port, metrics=service.pipeline.metrics
+    )
+    port = free_port()
+    server = _Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))
+    tasks = [asyncio.create_task(bridge.run(stop)), asyncio.create_task(server.serve())]
+    try:
+        await bridge.wait_subscribed(timeout=10)
+        for _ in range(100):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield Stack(service, bridge, f"http://127.0.0.1:{port}", admin, viewer, broker)
+    finally:
+        stop.set()
+        server.should_exit = True
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=20)
+        service.close()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` (sync or async) until true; fail the test with a clear message on timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,3 @@
+from zhilian.cli import main
+
+main()

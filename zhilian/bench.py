@@ -1,0 +1,123 @@
+"""Benchmarks of the hot paths: envelope and batch codecs, and the ingest pipeline into SQLite.
+
+Method: each case runs for at least `min_time` seconds after a warm-up; we report the median of 5 such rounds.
+Numbers are machine-specific — record them in BENCHMARKS.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from protocol import (
+    Batch,
+    DeviceKey,
+    Envelope,
+    Flags,
+    Kind,
+    decode_batch,
+    encode_batch,
+    load_catalogue,
+    parse_envelope,
+    seal_envelope,
+)
+from protocol.catalogue import SignalType
+
+SAMPLES_PER_BATCH = 30
+
+
+def _batch(t0: int, n: int = SAMPLES_PER_BATCH) -> Batch:
+    cat = load_catalogue()
+    cols: dict[str, list[Any]] = {}
+    for sig in cat:
+        if sig.type is SignalType.BOOL:
+            cols[sig.name] = [i % 2 == 0 for i in range(n)]
+        elif sig.type is SignalType.INT:
+            cols[sig.name] = [int(sig.min or 0) + i % 3 for i in range(n)]
+        elif sig.type is SignalType.FLOAT:
+            lo = sig.min or 0.0
+            cols[sig.name] = [round(lo + (i + 1) * 10 * (sig.resolution or 1), sig.decimals) for i in range(n)]
+    return Batch([t0 + 1000 * i for i in range(n)], cols)
+
+
+def _time(fn: Callable[[], object], min_time: float = 0.2, rounds: int = 5) -> float:
+    """Median seconds per call."""
+    fn()
+    per_call = []
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        per_call.append(elapsed / n)
+    return statistics.median(per_call)
+
+
+def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    cat = load_catalogue()
+    key = DeviceKey.generate()
+    batch = _batch(1_700_000_000_000)
+    body = encode_batch(batch, cat)
+    env = Envelope("LZHBENCH000000001", key.key_id, 1, 0, 1_700_000_000_000, Kind.TELEMETRY, Flags.NONE, body)
+    wire = seal_envelope(env, key)
+    cases: dict[str, tuple[Callable[[], object], int]] = {
+        "batch encode (30 samples, all signals)": (lambda: encode_batch(batch, cat), SAMPLES_PER_BATCH),
+        "batch decode (30 samples, all signals)": (lambda: decode_batch(body, cat), SAMPLES_PER_BATCH),
+        "envelope seal (Ed25519 sign)": (lambda: seal_envelope(env, key), SAMPLES_PER_BATCH),
+        "envelope parse + verify": (lambda: parse_envelope(wire).verify(key.public_raw), SAMPLES_PER_BATCH),
+    }
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "body_bytes": len(body),
+        "envelope_bytes": len(wire),
+        "cases": {},
+    }
+    for name, (fn, samples) in cases.items():
+        sec = _time(fn)
+        results["cases"][name] = {"us_per_call": sec * 1e6, "samples_per_s": samples / sec}
+    results["cases"]["pipeline ingest into SQLite (200 msgs/commit)"] = _bench_pipeline(key, cat)
+    table = Table(title=f"zhilian bench — envelope {len(wire)} B, body {len(body)} B for {SAMPLES_PER_BATCH} samples")
+    table.add_column("case")
+    table.add_column("µs / call", justify="right")
+    table.add_column("samples / s", justify="right")
+    for name, r in results["cases"].items():
+        table.add_row(name, f"{r['us_per_call']:.1f}", f"{r['samples_per_s']:,.0f}")
+    console.print(table)
+    return results
+
+
+def _bench_pipeline(key: DeviceKey, cat: Any) -> dict[str, float]:
+    from cloud_ingest.service import IngestService
+
+    vin = "LZHBENCH000000001"
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = IngestService.open(Path(tmp))
+        try:
+            svc.registry.register_device(vin, key.public_raw)
+            per_commit, commits = 200, 10
+            msgs = []
+            for seq in range(per_commit * commits):
+                b = encode_batch(_batch(1_700_000_000_000 + seq * SAMPLES_PER_BATCH * 1000), cat)
+                e = Envelope(vin, key.key_id, 1, seq, 1_700_000_000_000, Kind.TELEMETRY, Flags.NONE, b)
+                msgs.append((vin, seal_envelope(e, key)))
+            start = time.perf_counter()
+            for i in range(commits):
+                res = svc.pipeline.ingest_many(msgs[i * per_commit : (i + 1) * per_commit])
+                assert all(r.outcome == "stored" for r in res), res[:3]
+            elapsed = time.perf_counter() - start
+        finally:
+            svc.close()
+    n = per_commit * commits
+    return {"us_per_call": elapsed / n * 1e6, "samples_per_s": n * SAMPLES_PER_BATCH / elapsed}

@@ -1,0 +1,102 @@
+"""Spawns a private Mosquitto broker on a free loopback port with its own temporary configuration.
+
+Used by `zhilian demo` and by the test fixtures, so neither depends on (or disturbs) a system broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto is missing or did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_mosquitto() -> str:
+    exe = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+    if exe is None:
+        raise BrokerError("mosquitto not found; install it with `make setup` (Debian package `mosquitto`)")
+    return exe
+
+
+class MosquittoProcess:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "mosquitto.log"
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self.port} {self.host}",
+                "allow_anonymous true",
+                "persistence false",
+                # Deep enough for a bridge restart under a fleet's load; QoS 1 messages beyond it are dropped
+                # by the broker, so the bridge's persistent session must not stay away long.
+                "max_queued_messages 100000",
+                "max_inflight_messages 0",
+                f"log_dest file {self.log_path}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "",
+            ]
+        )
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        exe = find_mosquitto()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text(), encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise BrokerError(f"mosquitto exited with {self.proc.returncode}: {err.strip()[:500]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> MosquittoProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,266 @@
+"""The one `zhilian` command."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Zhilian: telemetry for smart-connected electric two-wheelers.", no_args_is_help=True)
+sim_app = typer.Typer(help="Device emulators and virtual fleets.", no_args_is_help=True)
+keys_app = typer.Typer(help="Device keys and operator API keys.", no_args_is_help=True)
+spec_app = typer.Typer(help="Firmware specification artefacts.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
+app.add_typer(keys_app, name="keys")
+app.add_typer(spec_app, name="spec")
+console = Console()
+
+
+class _JsonFormatter(logging.Formatter):
+    _skip = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def _logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")]
+
+
+def _run(coro_fn) -> None:  # type: ignore[no-untyped-def]
+    """Run an async entry point with SIGINT/SIGTERM mapped onto its stop event."""
+    from zhilian.serve import install_stop_signals
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await coro_fn(stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def serve(
+    data_dir: Annotated[Path, typer.Option(help="where the SQLite databases live")] = Path("zhilian-data"),
+    http_host: str = "127.0.0.1",
+    http_port: int = 8080,
+    mqtt_host: str = "127.0.0.1",
+    mqtt_port: int = 1883,
+    bridge: Annotated[bool, typer.Option(help="also consume from the MQTT broker")] = True,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the ingest API and the MQTT bridge together."""
+    from zhilian.serve import serve as serve_
+
+    _logging(log_level)
+    _run(lambda stop: serve_(data_dir, http_host, http_port, mqtt_host, mqtt_port, with_bridge=bridge, stop=stop))
+
+
+@app.command()
+def ingest(
+    data_dir: Path = Path("zhilian-data"),
+    http_host: str = "127.0.0.1",
+    http_port: int = 8080,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run only the ingest API (the operator API; feed it with one or more `zhilian bridge`)."""
+    from zhilian.serve import serve as serve_
+
+    _logging(log_level)
+    _run(lambda stop: serve_(data_dir, http_host, http_port, with_bridge=False, stop=stop))
+
+
+@app.command()
+def bridge(
+    data_dir: Path = Path("zhilian-data"),
+    mqtt_host: str = "127.0.0.1",
+    mqtt_port: int = 1883,
+    share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group (several workers)")] = None,
+    client_id: str = "zhilian-bridge",
+    log_level: LogLevel = "info",
+) -> None:
+    """Run only the MQTT bridge, storing into DATA_DIR's databases."""
+    from zhilian.serve import serve as serve_
+
+    _logging(log_level)
+    _run(
+        lambda stop: serve_(
+            data_dir, mqtt_host=mqtt_host, mqtt_port=mqtt_port, with_api=False, share_group=share_group,
+            client_id=client_id, stop=stop,
+        )
+    )
+
+
+@app.command()
+def agent(
+    config: Annotated[Path | None, typer.Option(help="agent TOML file ([agent] table)")] = None,
+    vin: str | None = None,
+    key_file: Path | None = None,
+    state_dir: Path | None = None,
+    gnss_port: Annotated[str | None, typer.Option(help="serial device of the GNSS module, e.g. /dev/ttyS1")] = None,
+    gnss_baudrate: int | None = None,
+    broker_host: str | None = None,
+    broker_port: int | None = None,
+    batch_interval: float | None = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the edge agent (as on a vehicle board)."""
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import AgentConfig
+
+    _logging(log_level)
+    overrides = {
+        "vin": vin, "key_file": key_file, "state_dir": state_dir, "gnss_port": gnss_port,
+        "gnss_baudrate": gnss_baudrate, "broker_host": broker_host, "broker_port": broker_port,
+        "batch_interval_s": batch_interval,
+    }
+    if config is not None:
+        cfg = AgentConfig.from_toml(config, **overrides)
+    else:
+        missing = [k for k in ("vin", "key_file", "state_dir") if overrides[k] is None]
+        if missing:
+            raise typer.BadParameter(f"without --config, these are required: {', '.join('--' + m for m in missing)}")
+        cfg = AgentConfig(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    _run(lambda stop: EdgeAgent(cfg).run(stop))
+
+
+@sim_app.command("fleet")
+def sim_fleet(
+    vehicles: int = 20,
+    state_dir: Path = Path("zhilian-fleet"),
+    broker_host: str = "127.0.0.1",
+    broker_port: int = 1883,
+    api: Annotated[str | None, typer.Option(help="ingest API base URL, to register the vehicles")] = None,
+    api_key: Annotated[str | None, typer.Option(help="admin API key for registration")] = None,
+    batch_interval: float = 5.0,
+    gnss_rate: float = 1.0,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run N virtual vehicles: GNSS emulators on real ptys + synthetic BMS/controller + real edge agents."""
+    from zhilian.fleet import run_fleet
+
+    _logging(log_level)
+
+    async def go(stop: asyncio.Event) -> None:
+        await run_fleet(vehicles, state_dir, broker_host, broker_port, api, api_key, stop, batch_interval, gnss_rate)
+
+    _run(go)
+
+
+@sim_app.command("gnss")
+def sim_gnss(
+    index: Annotated[int, typer.Option(help="which vehicle of the demo fleet's routes to ride")] = 0,
+    rate: float = 1.0,
+    talker: str = "GN",
+) -> None:
+    """Emulate one BeiDou/GNSS receiver on a new pty and print its device path (for `zhilian agent --gnss-port`)."""
+    import time
+
+    from simulators.gnss import GnssEmulator
+    from simulators.route import route_for
+    from simulators.vehicle import VehicleModel
+
+    async def go(stop: asyncio.Event) -> None:
+        emu = GnssEmulator(VehicleModel(route_for(index), seed=index, start_time=time.time()), rate_hz=rate, talker=talker)
+        await emu.start()
+        console.print(f"GNSS emulator writing NMEA to [bold]{emu.port}[/] at {rate} Hz; Ctrl-C stops")
+        try:
+            await stop.wait()
+        finally:
+            await emu.stop()
+
+    _run(go)
+
+
+@keys_app.command("device")
+def keys_device(out: Annotated[Path, typer.Argument(help="private key file to create (mode 0600)")]) -> None:
+    """Generate a device signing key; prints the public key (base64) to register with POST /v1/devices."""
+    from protocol import DeviceKey
+
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; refusing to overwrite a device key")
+    key = DeviceKey.generate()
+    key.save(out)
+    console.print(f"public_key={base64.b64encode(key.public_raw).decode()} key_id={key.key_id.hex()}")
+
+
+@keys_app.command("api")
+def keys_api(
+    role: Annotated[str, typer.Option(help="admin, operator or viewer")] = "operator",
+    name: str = "cli",
+    data_dir: Path = Path("zhilian-data"),
+) -> None:
+    """Mint an operator API key straight into the registry (prints it once)."""
+    from cloud_ingest.service import IngestService
+
+    svc = IngestService.open(data_dir)
+    try:
+        print(svc.registry.create_api_key(role, name))
+    finally:
+        svc.close()
+
+
+@spec_app.command("vectors")
+def spec_vectors(write: Annotated[bool, typer.Option(help="rewrite the committed vector file")] = False) -> None:
+    """Show (or --write) the envelope test vectors in firmware_specs/test_vectors/."""
+    from zhilian import specgen
+
+    if write:
+        console.print(f"wrote {specgen.write()}")
+    else:
+        print(json.dumps(specgen.build(), indent=2))
+
+
+@app.command()
+def demo(
+    vehicles: int = 20,
+    duration: Annotated[float | None, typer.Option(help="seconds to run; default until Ctrl-C")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="keep databases and logs here (default: temp dir)")] = None,
+    http_port: int | None = None,
+    batch_interval: float = 5.0,
+    require_all: Annotated[bool, typer.Option(help="exit 1 unless every vehicle reported a position")] = False,
+) -> None:
+    """Run the whole stack with a simulated fleet and a live table."""
+    from zhilian.demo import run_demo
+
+    result = run_demo(vehicles, duration, data_dir, http_port, batch_interval, console)
+    if require_all and result.reporting < vehicles:
+        console.print(f"[red]only {result.reporting} of {vehicles} vehicles reported[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="where to write the results (JSON)")] = Path("bench-results.json"),
+) -> None:
+    """Micro-benchmarks of the wire contract (see BENCHMARKS.md for method and recorded numbers)."""
+    from zhilian.bench import run_benchmarks
+
+    results = run_benchmarks(console)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"results written to {out}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""A fleet of virtual vehicles: each one a GNSS emulator on its own real pty, a synthetic BMS/controller, and a
+real edge agent reading that pty and publishing to the broker — all multiplexed on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig
+from protocol import DeviceKey
+from simulators.gnss import GnssEmulator
+from simulators.route import route_for
+from simulators.vehicle import SyntheticPowertrain, VehicleModel
+
+log = logging.getLogger("zhilian.fleet")
+
+
+def demo_vin(index: int) -> str:
+    return f"LZHDEMO{index:010d}"
+
+
+@dataclass
+class VirtualVehicle:
+    vin: str
+    model: VehicleModel
+    emulator: GnssEmulator
+    agent: EdgeAgent
+
+
+async def register_device(api: str, admin_key: str, vin: str, public_raw: bytes, timeout: float = 10.0) -> None:
+    async with httpx.AsyncClient(base_url=api, timeout=timeout) as client:
+        resp = await client.post(
+            "/v1/devices",
+            headers={"Authorization": f"Bearer {admin_key}"},
+            json={"vin": vin, "public_key": base64.b64encode(public_raw).decode(), "label": "virtual vehicle"},
+        )
+        if resp.status_code not in (200, 201):
+            raise RuntimeError(f"registering {vin} failed: {resp.status_code} {resp.text[:200]}")
+
+
+async def build_vehicle(
+    index: int, state_dir: Path, broker_host: str, broker_port: int, batch_interval_s: float, gnss_rate_hz: float
+) -> VirtualVehicle:
+    vin = demo_vin(index)
+    vdir = state_dir / vin
+    vdir.mkdir(parents=True, exist_ok=True)
+    key_file = vdir / "device.key"
+    if not key_file.exists():
+        DeviceKey.generate().save(key_file)
+    model = VehicleModel(route_for(index), seed=index, start_time=time.time())
+    emulator = GnssEmulator(model, rate_hz=gnss_rate_hz, talker="GN" if index % 3 else "GB")
+    await emulator.start()
+    config = AgentConfig(
+        vin=vin,
+        key_file=key_file,
+        state_dir=vdir,
+        broker_host=broker_host,
+        broker_port=broker_port,
+        gnss_port=emulator.port,
+        batch_interval_s=batch_interval_s,
+    )
+    agent = EdgeAgent(config, sources=[SyntheticPowertrain(model)])
+    return VirtualVehicle(vin, model, emulator, agent)
+
+
+async def run_fleet(
+    vehicles: int,
+    state_dir: Path,
+    broker_host: str,
+    broker_port: int,
+    api: str | None,
+    admin_key: str | None,
+    stop: asyncio.Event,
+    batch_interval_s: float = 5.0,
+    gnss_rate_hz: float = 1.0,
+) -> list[VirtualVehicle]:
+    fleet: list[VirtualVehicle] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i in range(vehicles):
+            v = await build_vehicle(i, state_dir, broker_host, broker_port, batch_interval_s, gnss_rate_hz)
+            fleet.append(v)
+            if api and admin_key:
+                await register_device(api, admin_key, v.vin, v.agent.key.public_raw)
+            tasks.append(asyncio.create_task(v.agent.run(stop), name=f"agent-{v.vin}"))
+        log.info("fleet running", extra={"vehicles": len(fleet)})
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stop_wait:
+                raise RuntimeError(f"{t.get_name()} ended unexpectedly") from t.exception()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for v in fleet:
+            await v.emulator.stop()
+    return fleet

@@ -1,0 +1,80 @@
+"""`zhilian serve`: the ingest API and the MQTT bridge in one event loop over one data directory.
+
+Either half can also run alone (`zhilian ingest`, `zhilian bridge`), several bridges sharing the databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from broker_bridge.bridge import MqttBridge
+from cloud_ingest.service import IngestService
+
+log = logging.getLogger("zhilian.serve")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the composing command owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(
+    data_dir: Path,
+    http_host: str = "127.0.0.1",
+    http_port: int = 8080,
+    mqtt_host: str = "127.0.0.1",
+    mqtt_port: int = 1883,
+    with_api: bool = True,
+    with_bridge: bool = True,
+    share_group: str | None = None,
+    client_id: str = "zhilian-bridge",
+    stop: asyncio.Event | None = None,
+) -> None:
+    stop = stop or asyncio.Event()
+    service = IngestService.open(data_dir)
+    tasks: list[asyncio.Task[None]] = []
+    server: _Server | None = None
+    try:
+        if with_api:
+            server = _Server(uvicorn.Config(service.app, host=http_host, port=http_port, log_level="warning"))
+            tasks.append(asyncio.create_task(server.serve(), name="http"))
+        if with_bridge:
+            bridge = MqttBridge(
+                service.pipeline.ingest_many,
+                host=mqtt_host,
+                port=mqtt_port,
+                client_id=client_id,
+                share_group=share_group,
+                metrics=service.pipeline.metrics,
+            )
+            tasks.append(asyncio.create_task(bridge.run(stop), name="bridge"))
+        log.info("serving", extra={"http": f"{http_host}:{http_port}", "mqtt": f"{mqtt_host}:{mqtt_port}"})
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stop_wait and t.exception() is not None:
+                raise RuntimeError(f"{t.get_name()} failed") from t.exception()
+            if t is not stop_wait:
+                raise RuntimeError(f"{t.get_name()} stopped unexpectedly")
+    finally:
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=15)
+        service.close()
