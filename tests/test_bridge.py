@@ -1,0 +1,117 @@
+"""The bridge's delivery guarantee against a real Mosquitto: a message is acknowledged only after the pipeline
+stored it; a failing store means no ack and a retry; messages published while the bridge is away arrive later."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from broker_bridge.bridge import MqttBridge
+from cloud_ingest.service import IngestService
+from protocol import Batch, DeviceKey, Envelope, Flags, Kind, encode_batch, load_catalogue, seal_envelope
+from protocol.topics import Channel, topic
+from tests.conftest import wait_until
+from zhilian.broker import MosquittoProcess
+
+pytestmark = pytest.mark.integration
+CAT = load_catalogue()
+VIN = "LZHBRIDGE00000001"
+
+
+def _payloads(key: DeviceKey, n: int) -> list[bytes]:
+    out = []
+    for seq in range(n):
+        body = encode_batch(Batch([1_700_000_000_000 + seq * 1000], {"Speed": [float(seq)]}), CAT)
+        out.append(seal_envelope(Envelope(VIN, key.key_id, 1, seq, 1, Kind.TELEMETRY, Flags.NONE, body), key))
+    return out
+
+
+class FlakyStore:
+    """Wraps the real pipeline; the first `failures` calls raise like a full disk would."""
+
+    def __init__(self, service: IngestService, failures: int) -> None:
+        self.service = service
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, items: Sequence[tuple[str | None, bytes]]):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(28, "No space left on device")
+        return self.service.pipeline.ingest_many(items)
+
+
+def test_store_failure_means_no_ack_then_retry_stores_everything_once(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    async def go() -> None:
+        service = IngestService.open(tmp_path / "ingest")
+        key = DeviceKey.generate()
+        service.registry.register_device(VIN, key.public_raw)
+        flaky = FlakyStore(service, failures=2)
+        bridge = MqttBridge(flaky, host=mosquitto.host, port=mosquitto.port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        try:
+            await bridge.wait_subscribed(10)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+                for p in _payloads(key, 20):
+                    await pub.publish(topic(VIN, Channel.TELEMETRY), p, qos=1)
+            await wait_until(lambda: service.pipeline.stats()["stored"] == 20, timeout=20)
+            assert bridge.stats.store_failures == 2
+            assert bridge.stats.acked == 20
+            rows = service.store.query(VIN, 0, 2**62, ["Speed"], 1000)
+            assert rows.columns["Speed"] == [float(i) for i in range(20)]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+            service.close()
+
+    asyncio.run(go())
+
+
+def test_messages_published_while_bridge_is_away_are_delivered_after_it_returns(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    async def go() -> None:
+        service = IngestService.open(tmp_path / "ingest")
+        key = DeviceKey.generate()
+        service.registry.register_device(VIN, key.public_raw)
+        payloads = _payloads(key, 30)
+
+        async def run_bridge_until(predicate) -> MqttBridge:  # type: ignore[no-untyped-def]
+            bridge = MqttBridge(service.pipeline.ingest_many, host=mosquitto.host, port=mosquitto.port)
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.run(stop))
+            try:
+                await bridge.wait_subscribed(10)
+                await predicate()
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 15)
+            return bridge
+
+        async def publish(chunk: list[bytes]) -> None:
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+                for p in chunk:
+                    await pub.publish(topic(VIN, Channel.TELEMETRY), p, qos=1)
+
+        async def first() -> None:
+            await publish(payloads[:10])
+            await wait_until(lambda: service.pipeline.stats()["stored"] == 10, timeout=15)
+
+        await run_bridge_until(first)
+        await publish(payloads[10:])  # the bridge is down: its persistent session queues these
+
+        async def second() -> None:
+            await wait_until(lambda: service.pipeline.stats()["stored"] == 30, timeout=15)
+
+        await run_bridge_until(second)
+        assert service.pipeline.stats()["duplicate"] == 0
+        service.close()
+
+    asyncio.run(go())
