@@ -38,7 +38,7 @@ class DemoResult:
 
     @property
     def reporting(self) -> int:
-        return sum(1 for v in self.vehicles if v.get("samples", 0) > 0 and v.get("latest_position"))
+        return sum(1 for v in self.vehicles if v.get("samples", 0) > 0 and v.get("position"))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -65,7 +65,7 @@ def _render(result: DemoResult, elapsed: float, duration: float | None) -> Group
     for col in ("VIN", "samples", "messages", "last seen (UTC)", "lat", "lon"):
         table.add_column(col, justify="right" if col in ("samples", "messages", "lat", "lon") else "left")
     for v in result.vehicles:
-        pos = v.get("latest_position") or {}
+        pos = v.get("position") or {}
         table.add_row(
             v["vin"],
             str(v.get("samples", 0)),

@@ -1,0 +1,259 @@
+"""The ingest pipeline: verify → dedupe → decode → validate → store, for batches of raw envelopes.
+
+A synchronous core: the MQTT bridge and any HTTP feeder call `ingest_many` from a worker thread and acknowledge
+their messages only after it returned (it raises StorageError when nothing may be acknowledged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter as TallyCounter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter
+
+from cloud_ingest.errors import StorageError
+from cloud_ingest.ledger import Identity, Ledger, LedgerEntry
+from cloud_ingest.registry import Registry
+from cloud_ingest.tsstore import TimeSeriesStore
+from protocol import MAX_ENVELOPE_BYTES, Batch, Catalogue, Kind, decode_batch, parse_envelope
+from protocol.errors import DecodeError, SignatureError
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["stored", "duplicate", "rejected"]
+_ACCEPTED_KINDS = frozenset({Kind.TELEMETRY, Kind.ALERT})
+# The relational ledger holds boot and seq in signed 64-bit columns (SQLite INTEGER, PostgreSQL BIGINT).
+_MAX_IDENTITY = 2**63
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    outcome: Outcome
+    reason: str | None
+    vin: str | None
+    samples: int
+
+
+@dataclass(slots=True)
+class _Candidate:
+    index: int
+    vin: str
+    identity: Identity
+    body: bytes
+    kind: Kind
+
+
+@dataclass(slots=True)
+class _Accepted:
+    index: int
+    vin: str
+    identity: Identity
+    batch: Batch
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        registry: Registry,
+        store: TimeSeriesStore,
+        catalogue: Catalogue,
+        metrics: CollectorRegistry | None = None,
+        replay_window: int = 4096,
+    ) -> None:
+        if replay_window < 1:
+            raise ValueError("replay_window must be positive")
+        self.registry = registry
+        self.store = store
+        self.catalogue = catalogue
+        self.replay_window = replay_window
+        self.ledger = Ledger(registry.engine)
+        self.metrics = metrics if metrics is not None else CollectorRegistry()
+        self._m_messages = Counter(
+            "zhilian_ingest_messages",
+            "Envelopes seen by the ingest pipeline, by outcome and rejection reason",
+            ["outcome", "reason"],
+            registry=self.metrics,
+        )
+        self._m_samples = Counter("zhilian_ingest_samples", "Samples stored", registry=self.metrics)
+        self._m_invalid = Counter(
+            "zhilian_ingest_invalid_values",
+            "Values dropped because they were out of their signal's range or type",
+            ["signal"],
+            registry=self.metrics,
+        )
+        self._lock = threading.Lock()
+        self._outcomes: TallyCounter[str] = TallyCounter()
+        self._rejected: TallyCounter[str] = TallyCounter()
+        self._invalid: TallyCounter[str] = TallyCounter()
+        self._samples = 0
+
+    # -- public ---------------------------------------------------------------------------------------------
+
+    def ingest_one(self, claimed_vin: str | None, raw: bytes) -> IngestResult:
+        return self.ingest_many([(claimed_vin, raw)])[0]
+
+    def ingest_many(self, items: Sequence[tuple[str | None, bytes]]) -> list[IngestResult]:
+        """Process a batch of raw envelopes; one result per item, in order.
+
+        Raises StorageError if the store or the ledger failed: then none of `items` may be acknowledged.
+        """
+        results: list[IngestResult | None] = [None] * len(items)
+        candidates: list[_Candidate] = []
+        for index, (claimed_vin, raw) in enumerate(items):
+            try:
+                candidates.append(self._authenticate(index, claimed_vin, raw))
+            except _Rejected as rej:
+                results[index] = self._reject(rej, claimed_vin)
+        accepted = self._dedupe_and_decode(candidates, results)
+        if accepted:
+            self._store(accepted, results)
+        out: list[IngestResult] = []
+        for r in results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "stored": self._outcomes["stored"],
+                "duplicate": self._outcomes["duplicate"],
+                "samples": self._samples,
+                "rejected": dict(self._rejected),
+                "invalid_values": dict(self._invalid),
+            }
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def _authenticate(self, index: int, claimed_vin: str | None, raw: bytes) -> _Candidate:
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise _Rejected("malformed", "payload is not bytes")
+        if len(raw) > MAX_ENVELOPE_BYTES:
+            raise _Rejected("oversized", f"{len(raw)} bytes > {MAX_ENVELOPE_BYTES}")
+        try:
+            signed = parse_envelope(bytes(raw))
+        except DecodeError as exc:
+            raise _Rejected(exc.reason, str(exc)) from None
+        env = signed.envelope
+        if env.boot >= _MAX_IDENTITY or env.seq >= _MAX_IDENTITY:
+            raise _Rejected("malformed", "boot/seq beyond 2^63")
+        if claimed_vin is not None and claimed_vin != env.vin:
+            raise _Rejected("vin_mismatch", f"channel says {claimed_vin!r}, envelope says {env.vin!r}")
+        public_raw = self.registry.get_device_key(env.vin)
+        if public_raw is None:
+            raise _Rejected("unknown_device", env.vin)
+        try:
+            signed.verify(public_raw)
+        except SignatureError as exc:
+            raise _Rejected("bad_signature", str(exc)) from None
+        if env.kind not in _ACCEPTED_KINDS:
+            raise _Rejected("unsupported_kind", env.kind.name)
+        return _Candidate(index, env.vin, env.identity, env.body, env.kind)
+
+    def _dedupe_and_decode(self, candidates: list[_Candidate], results: list[IngestResult | None]) -> list[_Accepted]:
+        view = self.ledger.lookup(c.identity for c in candidates)
+        in_call: set[Identity] = set()
+        accepted: list[_Accepted] = []
+        for c in candidates:
+            vin, boot, seq = c.identity
+            try:
+                if c.identity in view.seen or c.identity in in_call:
+                    results[c.index] = self._duplicate(vin)
+                    continue
+                hwm = view.hwm.get((vin, boot))
+                if hwm is not None and seq <= hwm - self.replay_window:
+                    raise _Rejected("replay", f"seq {seq} below window of hwm {hwm}")
+                try:
+                    decoded = decode_batch(c.body, self.catalogue)
+                except DecodeError as exc:
+                    raise _Rejected("bad_body", str(exc)) from None
+            except _Rejected as rej:
+                results[c.index] = self._reject(rej, vin, c.identity)
+                continue
+            if decoded.unknown_ids:
+                log.warning("unknown signal ids skipped", extra={"vin": vin, "ids": list(decoded.unknown_ids)})
+            self._drop_invalid(vin, decoded.batch)
+            in_call.add(c.identity)
+            accepted.append(_Accepted(c.index, vin, c.identity, decoded.batch))
+        return accepted
+
+    def _drop_invalid(self, vin: str, batch: Batch) -> None:
+        """Out-of-range values become None (counted and logged); the rest of the batch is kept."""
+        for name, values in batch.columns.items():
+            sig = self.catalogue.by_name(name)
+            dropped = 0
+            for i, v in enumerate(values):
+                if v is not None and not sig.in_range(v):
+                    values[i] = None
+                    dropped += 1
+            if dropped:
+                self._m_invalid.labels(signal=name).inc(dropped)
+                with self._lock:
+                    self._invalid[name] += dropped
+                log.warning("invalid values dropped", extra={"vin": vin, "signal": name, "count": dropped})
+
+    def _store(self, accepted: list[_Accepted], results: list[IngestResult | None]) -> None:
+        # Order matters: time series first, ledger second. A crash in between leaves the rows stored but the
+        # message unacknowledged and unrecorded; its redelivery passes dedupe and re-upserts the very same
+        # (vin, ts) rows, which merges to the same result. Storage is therefore effectively exactly-once,
+        # while the ledger never claims a message whose samples are not durable.
+        try:
+            self.store.write_many([(a.vin, a.batch) for a in accepted])
+        except StorageError:
+            log.exception("time-series write failed", extra={"messages": len(accepted)})
+            raise
+        except Exception as exc:
+            log.exception("time-series write failed", extra={"messages": len(accepted)})
+            raise StorageError(f"time-series write failed: {exc}") from exc
+        entries = [LedgerEntry(a.identity, _count_samples(a.batch)) for a in accepted]
+        try:
+            lost = self.ledger.commit(entries, self.replay_window, int(time.time() * 1000))
+        except StorageError:
+            log.exception("ledger commit failed", extra={"messages": len(accepted)})
+            raise
+        for a, entry in zip(accepted, entries, strict=True):
+            if a.identity in lost:
+                # Another worker recorded this message between our lookup and our commit.
+                results[a.index] = self._duplicate(a.vin)
+                continue
+            results[a.index] = IngestResult("stored", None, a.vin, entry.samples)
+            self._m_messages.labels(outcome="stored", reason="").inc()
+            self._m_samples.inc(entry.samples)
+            with self._lock:
+                self._outcomes["stored"] += 1
+                self._samples += entry.samples
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+
+    def _reject(self, rej: _Rejected, vin: str | None, identity: Identity | None = None) -> IngestResult:
+        self._m_messages.labels(outcome="rejected", reason=rej.reason).inc()
+        with self._lock:
+            self._rejected[rej.reason] += 1
+        log.warning(
+            "message rejected",
+            extra={"reason": rej.reason, "vin": vin, "identity": identity, "detail": str(rej)[:200]},
+        )
+        return IngestResult("rejected", rej.reason, vin, 0)
+
+    def _duplicate(self, vin: str) -> IngestResult:
+        self._m_messages.labels(outcome="duplicate", reason="").inc()
+        with self._lock:
+            self._outcomes["duplicate"] += 1
+        log.info("duplicate message", extra={"vin": vin})
+        return IngestResult("duplicate", None, vin, 0)
+
+
+def _count_samples(batch: Batch) -> int:
+    """Samples = rows of the batch (one timestamp each), whatever the number of signals sampled at that instant."""
+    return len(batch.timestamps)

@@ -1,0 +1,264 @@
+"""One virtual e-bike: a deterministic, seeded state model that every emulator of that vehicle reads.
+
+`VehicleModel.state_at(t)` is a pure function of `t` (random access, no stepping), so the GNSS emulator, the
+BMS and controller emulators and the tests all see the same vehicle without sharing mutable state, and a test can
+ask for any instant of a two-hour ride without simulating the hour before it.
+
+The ride is a repeating cycle of legs — accelerate, cruise, brake, wait at a light — drawn once from the seed.
+Speed is therefore piecewise linear in time and distance piecewise quadratic, both closed-form. Temperatures
+depend on the recent load, which is approximated by the mean speed over the last two minutes: two distance
+lookups instead of integrating a thermal model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+from protocol.catalogue import Catalogue, SignalType, load_catalogue
+from simulators.route import Route
+
+WHEEL_CIRCUMFERENCE_M = 1.35  # 16-inch e-bike tyre; the hub motor turns with the wheel, so motor rpm = wheel rpm
+MAX_SPEED_KMH = 45.0
+CELLS_IN_SERIES = 13  # the common "48 V" pack: 13s li-ion, 41.6 V empty .. 54.6 V full
+MAX_PACK_VOLTAGE_V = 4.2 * CELLS_IN_SERIES
+PACK_RESISTANCE_OHM = 0.12
+CONTROLLER_MAX_CURRENT_A = 30.0
+IDLE_CURRENT_A = 0.3  # lights, controller and the telematics board itself
+SWAP_AT_SOC_PCT = 10.0  # riders swap batteries at a cabinet rather than run flat; keeps endless rides bounded
+SWAPPED_SOC_PCT = 95.0
+THERMAL_WINDOW_S = 120.0
+
+_MASS_KG = 125.0  # bike + rider + cargo
+_G = 9.81
+_CRR = 0.012
+_CDA_M2 = 0.6
+_AIR_DENSITY = 1.2
+_DRIVE_EFFICIENCY = 0.8
+_REGEN_FRACTION = 0.25  # mild regen ("EABS") on e-bike hub controllers, only while braking
+
+# Open-circuit voltage of one li-ion cell against state of charge (%), piecewise linear.
+_OCV_CURVE: tuple[tuple[float, float], ...] = (
+    (0.0, 3.30),
+    (5.0, 3.45),
+    (10.0, 3.55),
+    (20.0, 3.65),
+    (40.0, 3.75),
+    (60.0, 3.87),
+    (80.0, 4.02),
+    (100.0, 4.20),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleState:
+    t: float
+    lat: float
+    lon: float
+    altitude_m: float
+    heading_deg: float
+    speed_kmh: float
+    motor_rpm: int
+    motor_temp_c: float
+    controller_temp_c: float
+    soc_pct: float
+    pack_voltage_v: float
+    pack_current_a: float  # positive into the battery (charging), negative while riding
+    battery_temp_max_c: float
+    soh_pct: float
+    distance_m: float  # ridden since start_time
+
+
+@dataclass(frozen=True, slots=True)
+class _Leg:
+    """Accelerate to `v` m/s, cruise, brake to a stop, wait. Times are offsets within the drive cycle."""
+
+    t0: float
+    s0: float
+    v: float
+    accel: float
+    t_accel: float
+    t_cruise: float
+    decel: float
+    t_decel: float
+    t_stop: float
+
+    @property
+    def duration(self) -> float:
+        return self.t_accel + self.t_cruise + self.t_decel + self.t_stop
+
+    @property
+    def distance(self) -> float:
+        return self.v * (self.t_accel / 2 + self.t_cruise + self.t_decel / 2)
+
+    def kinematics(self, dt: float) -> tuple[float, float, float]:
+        """(distance since the leg began, speed, acceleration) at `dt` seconds into the leg."""
+        if dt < self.t_accel:
+            return 0.5 * self.accel * dt * dt, self.accel * dt, self.accel
+        s = 0.5 * self.v * self.t_accel
+        dt -= self.t_accel
+        if dt < self.t_cruise:
+            return s + self.v * dt, self.v, 0.0
+        s += self.v * self.t_cruise
+        dt -= self.t_cruise
+        if dt < self.t_decel:
+            return s + self.v * dt - 0.5 * self.decel * dt * dt, self.v - self.decel * dt, -self.decel
+        return s + 0.5 * self.v * self.t_decel, 0.0, 0.0
+
+
+def _draw_legs(rng: random.Random, count: int) -> list[_Leg]:
+    legs: list[_Leg] = []
+    t = s = 0.0
+    for _ in range(count):
+        v = rng.uniform(18.0, 42.0) / 3.6
+        accel = rng.uniform(0.9, 1.6)
+        decel = rng.uniform(1.4, 2.4)
+        # One stop in five is a rolling slow-down rather than a red light; modelled as a zero-length wait.
+        t_stop = 0.0 if rng.random() < 0.2 else rng.uniform(12.0, 75.0)
+        leg = _Leg(
+            t0=t,
+            s0=s,
+            v=v,
+            accel=accel,
+            t_accel=v / accel,
+            t_cruise=rng.uniform(15.0, 140.0),
+            decel=decel,
+            t_decel=v / decel,
+            t_stop=t_stop,
+        )
+        legs.append(leg)
+        t += leg.duration
+        s += leg.distance
+    return legs
+
+
+def _cell_ocv(soc_pct: float) -> float:
+    soc = min(100.0, max(0.0, soc_pct))
+    for (s0, v0), (s1, v1) in itertools.pairwise(_OCV_CURVE):
+        if soc <= s1:
+            return v0 + (v1 - v0) * (soc - s0) / (s1 - s0)
+    return _OCV_CURVE[-1][1]
+
+
+class VehicleModel:
+    """The ground truth of one vehicle riding `route` from `start_time` (unix seconds), drawn from `seed`."""
+
+    LEGS_PER_CYCLE = 32
+
+    def __init__(self, route: Route, seed: int, start_time: float) -> None:
+        self.route = route
+        self.seed = seed
+        self.start_time = start_time
+        rng = random.Random(seed)
+        self._legs = _draw_legs(rng, self.LEGS_PER_CYCLE)
+        self._leg_starts = [leg.t0 for leg in self._legs]
+        self._cycle_s = self._legs[-1].t0 + self._legs[-1].duration
+        self._cycle_m = self._legs[-1].s0 + self._legs[-1].distance
+        self._start_soc = rng.uniform(55.0, SWAPPED_SOC_PCT)
+        self._soc_per_km = rng.uniform(1.0, 1.3)  # ≈ 12-15 Wh/km from a 1.15 kWh pack
+        self._soh = rng.uniform(86.0, 99.5)
+        self._ambient_c = rng.uniform(12.0, 34.0)
+        self._catalogue = load_catalogue()
+
+    def _kinematics(self, elapsed: float) -> tuple[float, float, float]:
+        """(distance m, speed m/s, acceleration m/s²) after `elapsed` seconds of riding."""
+        if elapsed <= 0.0:
+            return 0.0, 0.0, 0.0
+        cycles, r = divmod(elapsed, self._cycle_s)
+        leg = self._legs[bisect.bisect_right(self._leg_starts, r) - 1]
+        ds, v, a = leg.kinematics(r - leg.t0)
+        return cycles * self._cycle_m + leg.s0 + ds, v, a
+
+    def _soc(self, distance_m: float) -> float:
+        window = SWAPPED_SOC_PCT - SWAP_AT_SOC_PCT
+        used = (SWAPPED_SOC_PCT - self._start_soc) + distance_m / 1000.0 * self._soc_per_km
+        return SWAPPED_SOC_PCT - used % window
+
+    def state_at(self, t: float) -> VehicleState:
+        elapsed = t - self.start_time
+        s, v, a = self._kinematics(elapsed)
+        point = self.route.position_at(s)
+
+        recent_s, _, _ = self._kinematics(elapsed - THERMAL_WINDOW_S)
+        load_kmh = max(0.0, s - recent_s) / THERMAL_WINDOW_S * 3.6
+        warm = 1.0 - math.exp(-max(0.0, elapsed) / 900.0)
+        warm_slow = 1.0 - math.exp(-max(0.0, elapsed) / 2400.0)
+
+        soc = self._soc(s)
+        ocv = _cell_ocv(soc) * CELLS_IN_SERIES
+        p_mech = (_MASS_KG * a + _MASS_KG * _G * (_CRR + point.grade) + 0.5 * _AIR_DENSITY * _CDA_M2 * v * v) * v
+        if p_mech >= 0.0:
+            p_elec = p_mech / _DRIVE_EFFICIENCY
+        elif a < 0.0:
+            p_elec = p_mech * _REGEN_FRACTION
+        else:
+            p_elec = 0.0  # rolling downhill the rider shuts the throttle and rides the brakes: no regen
+        # Discharge current I (A, positive out of the pack) solves P = (OCV - R·I)·I; take the small root.
+        disc = max(0.0, ocv * ocv - 4.0 * PACK_RESISTANCE_OHM * p_elec)
+        i_out = (ocv - math.sqrt(disc)) / (2.0 * PACK_RESISTANCE_OHM) + IDLE_CURRENT_A
+        i_out = max(-CONTROLLER_MAX_CURRENT_A / 3, min(CONTROLLER_MAX_CURRENT_A, i_out))
+        # The BMS caps regen so the terminal voltage never exceeds the full-charge voltage.
+        i_out = max(i_out, -max(0.0, MAX_PACK_VOLTAGE_V - ocv) / PACK_RESISTANCE_OHM)
+        voltage = ocv - PACK_RESISTANCE_OHM * i_out
+
+        speed_kmh = min(MAX_SPEED_KMH, v * 3.6)
+        return VehicleState(
+            t=t,
+            lat=point.lat,
+            lon=point.lon,
+            altitude_m=point.alt_m,
+            heading_deg=point.heading_deg,
+            speed_kmh=speed_kmh,
+            motor_rpm=round(v / WHEEL_CIRCUMFERENCE_M * 60.0),
+            motor_temp_c=self._ambient_c + warm * (6.0 + 1.1 * load_kmh),
+            controller_temp_c=self._ambient_c + warm * (3.0 + 0.6 * load_kmh),
+            soc_pct=soc,
+            pack_voltage_v=voltage,
+            pack_current_a=-i_out,
+            battery_temp_max_c=self._ambient_c + warm_slow * (1.5 + 0.25 * load_kmh),
+            soh_pct=self._soh,
+            distance_m=s,
+        )
+
+    def signals(self, state: VehicleState) -> dict[str, float | int | bool]:
+        """Controller and BMS values of `state` under their catalogue names, at catalogue resolution."""
+        raw: dict[str, float | int | bool] = {
+            "Speed": state.speed_kmh,
+            "Powertrain.ElectricMotor.Speed": state.motor_rpm,
+            "Powertrain.ElectricMotor.Temperature": state.motor_temp_c,
+            "Powertrain.ElectricMotor.ControllerTemperature": state.controller_temp_c,
+            "Powertrain.TractionBattery.StateOfCharge": state.soc_pct,
+            "Powertrain.TractionBattery.CurrentVoltage": state.pack_voltage_v,
+            "Powertrain.TractionBattery.CurrentCurrent": state.pack_current_a,
+            "Powertrain.TractionBattery.Temperature.Max": state.battery_temp_max_c,
+            "Powertrain.TractionBattery.StateOfHealth": state.soh_pct,
+        }
+        return {name: quantize(self._catalogue, name, value) for name, value in raw.items()}
+
+
+def quantize(catalogue: Catalogue, name: str, value: float | int | bool) -> float | int | bool:
+    """Clamp `value` into the signal's range and round it to the signal's resolution."""
+    sig = catalogue.by_name(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if sig.min is not None:
+        value = max(sig.min, value)
+    if sig.max is not None:
+        value = min(sig.max, value)
+    if sig.type is SignalType.INT:
+        return round(value)
+    # round() can land on -0.0; a plain 0.0 keeps the stored value and its signature bytes unremarkable.
+    return round(float(value), sig.decimals) + 0.0
+
+
+class SyntheticPowertrain:
+    """The stand-in for the BMS and motor controller until their device protocols exist: reads the model."""
+
+    def __init__(self, model: VehicleModel) -> None:
+        self.model = model
+
+    def read(self, now: float) -> dict[str, float | int | bool]:
+        return self.model.signals(self.model.state_at(now))
