@@ -160,8 +160,10 @@ class MqttBridge:
             except Exception as exc:
                 self.stats.store_failures += 1
                 self._m_store_fail.inc()
-                log.error("pipeline failed; batch not acknowledged, retrying",
-                          extra={"error": repr(exc), "messages": len(items), "backoff_s": backoff})
+                log.error(
+                    "pipeline failed; batch not acknowledged, retrying",
+                    extra={"error": repr(exc), "messages": len(items), "backoff_s": backoff},
+                )
                 if stop.is_set():
                     return
                 with contextlib.suppress(TimeoutError):
@@ -210,13 +212,15 @@ class MqttBridge:
                     log.info("bridge connected", extra={"host": self.host, "port": self.port})
                     stop_wait = asyncio.ensure_future(stop.wait())
                     try:
-                        await asyncio.wait({adapter.disconnected, stop_wait, worker},
-                                           return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(
+                            {adapter.disconnected, stop_wait, worker}, return_when=asyncio.FIRST_COMPLETED
+                        )
                     finally:
                         stop_wait.cancel()
                     if adapter.disconnected.done():
-                        log.warning("bridge lost broker connection",
-                                    extra={"error": repr(adapter.disconnected.result())})
+                        log.warning(
+                            "bridge lost broker connection", extra={"error": repr(adapter.disconnected.result())}
+                        )
                 except (OSError, TimeoutError) as exc:
                     log.warning("bridge cannot reach broker", extra={"error": repr(exc), "backoff_s": backoff})
                 finally:

@@ -57,7 +57,8 @@ class PahoOnAsyncio:
             self._fail(ConnectionError(f"MQTT write failed: {mqtt.error_string(rc)}"))
 
     async def _misc_loop(self) -> None:
-        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+        # paho wants loop_misc about once a second (keepalive pings): a timer, not a wait for a condition.
+        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
             await asyncio.sleep(1.0)
         self._fail(ConnectionError("MQTT keepalive failed"))
 
@@ -83,7 +84,9 @@ class PahoOnAsyncio:
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket | Any) -> None:
         self.loop.remove_writer(sock.fileno())
 
-    async def connect(self, host: str, port: int, keepalive: int, properties: Any = None, timeout: float = 10.0) -> None:
+    async def connect(
+        self, host: str, port: int, keepalive: int, properties: Any = None, timeout: float = 10.0
+    ) -> None:
         await asyncio.wait_for(
             self.loop.run_in_executor(
                 None,

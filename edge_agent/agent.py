@@ -156,7 +156,8 @@ class EdgeAgent:
     async def drain_outbox(self, timeout: float) -> bool:
         """Wait (bounded) until everything sealed so far was acknowledged; True when the outbox is empty."""
         deadline = time.monotonic() + timeout
-        while len(self.outbox) and time.monotonic() < deadline:
+        # Only at shutdown, bounded: polling is simpler than an 'emptied' event on the outbox.
+        while len(self.outbox) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         return not len(self.outbox)
 

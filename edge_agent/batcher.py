@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protocol import Batch, Catalogue, DeviceKey, Envelope, EncodeError, Flags, Kind, encode_batch, seal_envelope
+from protocol import Batch, Catalogue, DeviceKey, EncodeError, Envelope, Flags, Kind, encode_batch, seal_envelope
 from protocol.batch import batch_from_rows
 from protocol.topics import Channel, topic
 

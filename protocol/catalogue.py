@@ -134,9 +134,8 @@ def _signal_from_table(row: Mapping[str, Any]) -> Signal:
     lo = row.get("min")
     hi = row.get("max")
     resolution = row.get("resolution")
-    if typ in (SignalType.FLOAT, SignalType.INT):
-        if lo is None or hi is None or lo > hi:
-            raise CatalogueError(f"signal {name!r}: numeric signals need min <= max")
+    if typ in (SignalType.FLOAT, SignalType.INT) and (lo is None or hi is None or lo > hi):
+        raise CatalogueError(f"signal {name!r}: numeric signals need min <= max")
     if typ is SignalType.FLOAT:
         if not isinstance(resolution, int | float) or resolution <= 0:
             raise CatalogueError(f"signal {name!r}: float signals need a positive resolution")

@@ -50,7 +50,8 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
         async with httpx.AsyncClient(base_url=stack.api, timeout=10) as http:
             for vin, key in ((VIN_A, key_a), (VIN_B, key_b)):
                 r = await http.post(
-                    "/v1/devices", headers=admin,
+                    "/v1/devices",
+                    headers=admin,
                     json={"vin": vin, "public_key": base64.b64encode(key.public_raw).decode()},
                 )
                 assert r.status_code == 201, r.text

@@ -49,8 +49,13 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
     await emulator.start()
     agent = EdgeAgent(
         AgentConfig(
-            vin=vin, key_file=key_file, state_dir=tmp_path / "agent", broker_host=broker.host,
-            broker_port=broker.port, gnss_port=emulator.port, batch_interval_s=0.5,
+            vin=vin,
+            key_file=key_file,
+            state_dir=tmp_path / "agent",
+            broker_host=broker.host,
+            broker_port=broker.port,
+            gnss_port=emulator.port,
+            batch_interval_s=0.5,
         ),
         sources=[SyntheticPowertrain(model)],
     )
@@ -62,7 +67,8 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
             admin = {"Authorization": f"Bearer {stack.admin_key}"}
             async with httpx.AsyncClient(base_url=stack.api, timeout=10) as http:
                 r = await http.post(
-                    "/v1/devices", headers=admin,
+                    "/v1/devices",
+                    headers=admin,
                     json={"vin": vin, "public_key": base64.b64encode(agent.key.public_raw).decode()},
                 )
                 assert r.status_code == 201, r.text
@@ -78,7 +84,8 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
                 await wait_until(lambda: stack.service.pipeline.stats()["stored"] == agent.stats.published, 10)
 
                 r = await http.get(
-                    f"/v1/vehicles/{vin}/telemetry", headers=headers,
+                    f"/v1/vehicles/{vin}/telemetry",
+                    headers=headers,
                     params={"start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z", "limit": 10000},
                 )
                 assert r.status_code == 200, r.text

@@ -106,8 +106,13 @@ def bridge(
     _logging(log_level)
     _run(
         lambda stop: serve_(
-            data_dir, mqtt_host=mqtt_host, mqtt_port=mqtt_port, with_api=False, share_group=share_group,
-            client_id=client_id, stop=stop,
+            data_dir,
+            mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port,
+            with_api=False,
+            share_group=share_group,
+            client_id=client_id,
+            stop=stop,
         )
     )
 
@@ -131,8 +136,13 @@ def agent(
 
     _logging(log_level)
     overrides = {
-        "vin": vin, "key_file": key_file, "state_dir": state_dir, "gnss_port": gnss_port,
-        "gnss_baudrate": gnss_baudrate, "broker_host": broker_host, "broker_port": broker_port,
+        "vin": vin,
+        "key_file": key_file,
+        "state_dir": state_dir,
+        "gnss_port": gnss_port,
+        "gnss_baudrate": gnss_baudrate,
+        "broker_host": broker_host,
+        "broker_port": broker_port,
         "batch_interval_s": batch_interval,
     }
     if config is not None:
@@ -182,7 +192,9 @@ def sim_gnss(
     from simulators.vehicle import VehicleModel
 
     async def go(stop: asyncio.Event) -> None:
-        emu = GnssEmulator(VehicleModel(route_for(index), seed=index, start_time=time.time()), rate_hz=rate, talker=talker)
+        emu = GnssEmulator(
+            VehicleModel(route_for(index), seed=index, start_time=time.time()), rate_hz=rate, talker=talker
+        )
         await emu.start()
         console.print(f"GNSS emulator writing NMEA to [bold]{emu.port}[/] at {rate} Hz; Ctrl-C stops")
         try:

@@ -35,10 +35,33 @@ class DemoResult:
     operator_key: str
     vehicles: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # VIN -> number of track points (lat/lon inside Chongqing) the API returned at the end of the run
+    tracks: dict[str, int] = field(default_factory=dict)
 
     @property
     def reporting(self) -> int:
-        return sum(1 for v in self.vehicles if v.get("samples", 0) > 0 and v.get("position"))
+        """Vehicles whose latest position and a track of at least two points came back from the API."""
+        return sum(1 for v in self.vehicles if v.get("position") and self.tracks.get(v["vin"], 0) >= 2)
+
+
+# Chongqing's main urban area, generously: a reported position outside it means something is wrong.
+CHONGQING = (29.3, 29.9, 106.2, 106.9)
+
+
+def _fetch_tracks(client: httpx.Client, result: DemoResult) -> None:
+    signals = "CurrentLocation.Latitude,CurrentLocation.Longitude"
+    for v in result.vehicles:
+        r = client.get(f"/v1/vehicles/{v['vin']}/telemetry", params={"signals": signals, "limit": 100000})
+        if r.status_code != 200:
+            continue
+        cols = r.json()["columns"]
+        points = [
+            (lat, lon)
+            for lat, lon in zip(cols["CurrentLocation.Latitude"], cols["CurrentLocation.Longitude"], strict=True)
+            if lat is not None and lon is not None
+        ]
+        lat0, lat1, lon0, lon1 = CHONGQING
+        result.tracks[v["vin"]] = sum(1 for lat, lon in points if lat0 < lat < lat1 and lon0 < lon < lon1)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -62,8 +85,9 @@ def _wait_http(url: str, timeout: float, proc: Any) -> None:
 
 def _render(result: DemoResult, elapsed: float, duration: float | None) -> Group:
     table = Table(title=f"Zhilian demo — {len(result.vehicles)} vehicles", expand=False)
-    for col in ("VIN", "samples", "messages", "last seen (UTC)", "lat", "lon"):
-        table.add_column(col, justify="right" if col in ("samples", "messages", "lat", "lon") else "left")
+    table.add_column("VIN", no_wrap=True, min_width=17)
+    for col in ("samples", "msgs", "seen UTC", "lat", "lon", "track"):
+        table.add_column(col, justify="left" if col == "seen UTC" else "right", no_wrap=True)
     for v in result.vehicles:
         pos = v.get("position") or {}
         table.add_row(
@@ -73,6 +97,7 @@ def _render(result: DemoResult, elapsed: float, duration: float | None) -> Group
             (v.get("last_seen") or "-")[11:19],
             f"{pos['lat']:.6f}" if pos else "-",
             f"{pos['lon']:.6f}" if pos else "-",
+            str(result.tracks.get(v["vin"], "")),
         )
     st = result.stats
     rejected = st.get("rejected") or {}
@@ -129,9 +154,20 @@ def run_demo(
         _wait_http(f"{api}/healthz", 30, serve)
         fleet = spawn_zhilian(
             [
-                "sim", "fleet", "--vehicles", str(vehicles), "--state-dir", str(fleet_dir),
-                "--broker-port", str(broker.port), "--api", api, "--api-key", admin_key,
-                "--batch-interval", str(batch_interval_s),
+                "sim",
+                "fleet",
+                "--vehicles",
+                str(vehicles),
+                "--state-dir",
+                str(fleet_dir),
+                "--broker-port",
+                str(broker.port),
+                "--api",
+                api,
+                "--api-key",
+                admin_key,
+                "--batch-interval",
+                str(batch_interval_s),
             ],
             logs / "fleet.log",
         )
@@ -139,9 +175,10 @@ def run_demo(
         console.print(f"[bold]API[/] {api}  (OpenAPI: {api}/docs)   [bold]operator key[/] {operator_key}")
         headers = {"Authorization": f"Bearer {operator_key}"}
         start = time.monotonic()
-        with httpx.Client(base_url=api, headers=headers, timeout=5.0) as client, Live(
-            _render(result, 0, duration), console=console, refresh_per_second=2, transient=False
-        ) as live:
+        with (
+            httpx.Client(base_url=api, headers=headers, timeout=5.0) as client,
+            Live(_render(result, 0, duration), console=console, refresh_per_second=2, transient=False) as live,
+        ):
             while duration is None or time.monotonic() - start < duration:
                 for p, name in ((serve, "ingest service"), (fleet, "fleet simulator")):
                     if p.poll() is not None:
@@ -153,6 +190,8 @@ def run_demo(
                     console.log(f"API poll failed: {exc}")
                 live.update(_render(result, time.monotonic() - start, duration))
                 time.sleep(1.0)
+            _fetch_tracks(client, result)
+            live.update(_render(result, time.monotonic() - start, duration))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -160,8 +199,9 @@ def run_demo(
         for p in reversed(procs):
             stop_process(p)
         broker.stop()
+    console.print()
     console.print(
-        f"{'interrupted' if interrupted else 'done'}: {result.reporting} vehicles reported positions; "
+        f"{'interrupted' if interrupted else 'done'}: {result.reporting} vehicles reported positions and tracks; "
         f"{result.stats.get('samples', 0)} samples stored; logs in {logs}"
     )
     if own_tmp and not interrupted and result.reporting >= vehicles:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -40,16 +41,12 @@ def spawn_zhilian(args: Sequence[str], log_path: Path, env: dict[str, str] | Non
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
     """SIGTERM the child's process group, wait, SIGKILL if it lingers; returns the exit code."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(timeout)
     return proc.returncode
