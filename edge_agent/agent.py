@@ -18,6 +18,7 @@ import aiomqtt
 from edge_agent.batcher import Batcher, Sealer
 from edge_agent.bootcount import next_boot
 from edge_agent.config import AgentConfig
+from edge_agent.nmea import GnssFix
 from edge_agent.outbox import Outbox
 from edge_agent.sources import ValueSource
 from protocol import Catalogue, DeviceKey, EncodeError, load_catalogue
@@ -58,7 +59,6 @@ class EdgeAgent:
         self.outbox = Outbox(config.outbox_capacity)
         self.stats = AgentStats()
         self._last_fix_monotonic = -1e9
-        self._gnss: object | None = None
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
@@ -72,13 +72,11 @@ class EdgeAgent:
                 log.exception("value source %r failed", src)
         return values
 
-    def on_fix(self, fix: object) -> None:
+    def on_fix(self, fix: GnssFix) -> None:
         """Called by the GNSS reader for every completed epoch: one sample, timestamped with GNSS time."""
-        now = self.clock()
-        ts_ms = getattr(fix, "time_ms", None)
-        if not isinstance(ts_ms, int):
-            ts_ms = int(now * 1000)
-        values = dict(fix.signals())  # type: ignore[attr-defined]
+        # Without a date (some receivers' first epochs) the board clock stands in for GNSS time.
+        ts_ms = fix.time_ms if fix.time_ms is not None else int(self.clock() * 1000)
+        values: dict[str, float | int | bool | str] = dict(fix.signals(self.catalogue))
         # Sources are read at the sample's own time so every value of a sample describes the same instant.
         values.update(self._source_values(ts_ms / 1000))
         self.batcher.add(ts_ms, values)
@@ -169,7 +167,6 @@ class EdgeAgent:
 
             gnss = GnssReader(self.config.gnss_port, self.config.gnss_baudrate, on_fix=self.on_fix)
             await gnss.start()
-            self._gnss = gnss
         pub_stop = asyncio.Event()
         tasks = {
             asyncio.create_task(self._sampler_task(stop), name="sampler"),

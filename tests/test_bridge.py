@@ -30,6 +30,13 @@ def _payloads(key: DeviceKey, n: int) -> list[bytes]:
     return out
 
 
+def _service_with_device(data_dir: Path) -> tuple[IngestService, DeviceKey]:
+    service = IngestService.open(data_dir)
+    key = DeviceKey.generate()
+    service.registry.register_device(VIN, key.public_raw)
+    return service, key
+
+
 class FlakyStore:
     """Wraps the real pipeline; the first `failures` calls raise like a full disk would."""
 
@@ -49,9 +56,7 @@ def test_store_failure_means_no_ack_then_retry_stores_everything_once(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     async def go() -> None:
-        service = IngestService.open(tmp_path / "ingest")
-        key = DeviceKey.generate()
-        service.registry.register_device(VIN, key.public_raw)
+        service, key = _service_with_device(tmp_path / "ingest")
         flaky = FlakyStore(service, failures=2)
         bridge = MqttBridge(flaky, host=mosquitto.host, port=mosquitto.port)
         stop = asyncio.Event()
@@ -78,9 +83,7 @@ def test_messages_published_while_bridge_is_away_are_delivered_after_it_returns(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     async def go() -> None:
-        service = IngestService.open(tmp_path / "ingest")
-        key = DeviceKey.generate()
-        service.registry.register_device(VIN, key.public_raw)
+        service, key = _service_with_device(tmp_path / "ingest")
         payloads = _payloads(key, 30)
 
         async def run_bridge_until(predicate) -> MqttBridge:  # type: ignore[no-untyped-def]
