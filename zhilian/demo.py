@@ -65,7 +65,7 @@ def _fetch_tracks(client: httpx.Client, result: DemoResult) -> None:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    # SIGTERM (e.g. from a CI timeout) takes the same clean-up path as Ctrl-C.
+    # Ctrl-C and SIGTERM (e.g. from a CI timeout) take the same clean-up path.
     raise KeyboardInterrupt
 
 
@@ -141,8 +141,8 @@ def run_demo(
     broker = MosquittoProcess(root / "mosquitto")
     procs: list[Any] = []
     interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Installed explicitly: a shell's background job inherits SIGINT as ignored, and Python then has no handler.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         broker.start()
         console.print(f"[bold]broker[/] mqtt://127.0.0.1:{broker.port}   [bold]data[/] {root}")
@@ -195,7 +195,8 @@ def run_demo(
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for p in reversed(procs):
             stop_process(p)
         broker.stop()
