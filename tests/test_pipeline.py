@@ -266,6 +266,8 @@ def _value_strategy(name: str) -> st.SearchStrategy[object]:
         return st.booleans()
     if sig.type is SignalType.INT:
         return st.integers(int(sig.min or 0), int(sig.max or 0))
+    if sig.type is SignalType.STR:
+        return st.text(max_size=32)
     assert sig.resolution is not None and sig.min is not None and sig.max is not None
     res, dec = sig.resolution, sig.decimals
     lo, hi = round(sig.min / res), round(sig.max / res)

@@ -1,0 +1,312 @@
+"""A JBD / Xiaoxiang BMS on a serial port, polled from the event loop: a thin shell around `devices.jbd`.
+
+Each poll reads register 0x03 (basic info) and 0x04 (cell voltages); 0xA2 (barcode) is read once per connection
+and again after the BMS went silent for a whole poll (a swapped pack answers with another barcode). Every request
+waits at most `timeout_s` and is retried `retries` times: a BMS that slept drops the first request after waking up,
+and a frame lost to line noise costs one retry, not a poll.
+
+pyserial opens and configures the port (raw, timeout=0); reads happen in a `loop.add_reader` callback and writes
+are 7-byte non-blocking `os.write`s, so nothing blocks the loop. A port that vanishes (USB adapter unplugged, pty
+closed, read error, hang-up) is closed and reopened with a bounded exponential backoff until `stop()`.
+
+`read(now)` implements the agent's ValueSource protocol: the latest values, minus anything older than
+`stale_after_s` (5 poll intervals by default), so a dead BMS yields nothing rather than frozen numbers; a lost
+port drops them at once, since whatever answers on it next may be another pack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import serial
+
+from edge_agent.devices.jbd import (
+    REG_BARCODE,
+    REG_BASIC_INFO,
+    REG_CELL_VOLTAGES,
+    JbdError,
+    JbdFrame,
+    JbdFrameDecoder,
+    barcode_signals,
+    cell_voltage_signals,
+    encode_read_request,
+    parse_barcode,
+    parse_basic_info,
+    parse_cell_voltages,
+)
+from protocol.catalogue import Catalogue, Value, load_catalogue
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024
+_COUNTERS = (
+    "polls",
+    "requests",
+    "responses",
+    "timeouts",
+    "retries",
+    "failed_requests",
+    "status_errors",
+    "parse_errors",
+    "unexpected_frames",
+    "write_blocked",
+    "disconnects",
+    "reconnects",
+)
+
+
+class _PortLost(Exception):
+    pass
+
+
+class JbdBmsSource:
+    def __init__(
+        self,
+        port: str,
+        baudrate: int = 9600,
+        poll_interval_s: float = 1.0,
+        timeout_s: float = 0.5,
+        retries: int = 2,
+        *,
+        stale_after_s: float | None = None,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 10.0,
+        catalogue: Catalogue | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if poll_interval_s <= 0 or timeout_s <= 0 or retries < 0:
+            raise ValueError("poll_interval_s and timeout_s must be positive, retries non-negative")
+        self.port = port
+        self.baudrate = baudrate
+        self.poll_interval_s = poll_interval_s
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.stale_after_s = 5 * poll_interval_s if stale_after_s is None else stale_after_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.catalogue = catalogue or load_catalogue()
+        self.clock = clock
+        self.decoder = JbdFrameDecoder()
+        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        # register -> (wall-clock time received, its signals); each answer replaces its register's whole group,
+        # so a pack with fewer cells or probes than the last one leaves no orphaned per-cell values behind.
+        self._groups: dict[int, tuple[float, dict[str, Value]]] = {}
+        self._serial: serial.Serial | None = None
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._waiting: tuple[int, asyncio.Future[JbdFrame]] | None = None
+        self._lost = asyncio.Event()
+        self._running = False
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Own counters plus the decoder's line-quality ones; bad_frames = checksum or framing failures."""
+        dec = self.decoder.counters
+        return {
+            **self._counts,
+            "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
+            "bad_checksum": dec["bad_checksum"],
+            "garbage_bytes": dec["garbage"],
+        }
+
+    async def start(self) -> None:
+        """Start polling in the background; a port that is not there yet is retried, never raised."""
+        if self._running:
+            raise RuntimeError("source already started")
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._task = self._loop.create_task(self._run(), name=f"jbd-bms:{self.port}")
+
+    async def stop(self) -> None:
+        self._running = False
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=2.0)
+        self._close()
+
+    def read(self, now: float) -> dict[str, Value]:
+        out: dict[str, Value] = {}
+        for received_at, values in self._groups.values():
+            if now - received_at <= self.stale_after_s:
+                out.update(values)
+        return out
+
+    # -- polling ------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.retry_initial_s
+        opened_before = False
+        while self._running:
+            try:
+                self._open()
+            except (OSError, serial.SerialException) as exc:
+                log.debug("bms port unavailable", extra={"port": self.port, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(self.retry_max_s, delay * 2)
+                continue
+            delay = self.retry_initial_s
+            if opened_before:
+                self._counts["reconnects"] += 1
+            opened_before = True
+            try:
+                await self._poll_forever()
+            except _PortLost as exc:
+                self._counts["disconnects"] += 1
+                log.warning("bms port lost", extra={"port": self.port, "error": str(exc)})
+                self._close()
+                # Whatever comes back on this port may be another pack: its predecessor's values must not mix in.
+                self._groups.clear()
+                await asyncio.sleep(delay)
+
+    async def _poll_forever(self) -> None:
+        assert self._loop is not None
+        need_barcode = True  # once per connection: the pack behind the port may be another one now
+        self._groups.pop(REG_BARCODE, None)
+        next_poll = self._loop.time()
+        while True:
+            self._counts["polls"] += 1
+            answered = False
+            if need_barcode:
+                frame = await self._request(REG_BARCODE)
+                if frame is not None:
+                    answered = True
+                    # Asked and answered: even a BMS that refuses 0xA2 will not change its mind on this connection.
+                    need_barcode = False
+                    self._take(REG_BARCODE, frame, lambda p: barcode_signals(parse_barcode(p), self.catalogue))
+            frame = await self._request(REG_BASIC_INFO)
+            if frame is not None:
+                answered = True
+                self._take(REG_BASIC_INFO, frame, lambda p: parse_basic_info(p).signals(self.catalogue))
+            frame = await self._request(REG_CELL_VOLTAGES)
+            if frame is not None:
+                answered = True
+                self._take(
+                    REG_CELL_VOLTAGES, frame, lambda p: cell_voltage_signals(parse_cell_voltages(p), self.catalogue)
+                )
+            if not answered:
+                # Silent for a whole poll: the pack may have been swapped; its barcode is no longer known.
+                need_barcode = True
+                self._groups.pop(REG_BARCODE, None)
+            next_poll += self.poll_interval_s
+            now = self._loop.time()
+            if next_poll < now:
+                next_poll = now  # a slow poll is not caught up with a burst of requests
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), timeout=next_poll - now)
+            if self._lost.is_set():
+                raise _PortLost("port lost between polls")
+
+    def _take(self, register: int, frame: JbdFrame, decode: Callable[[bytes], dict[str, Value]]) -> None:
+        if not frame.ok:
+            self._counts["status_errors"] += 1
+            return
+        try:
+            values = decode(frame.payload)
+        except JbdError as exc:
+            self._counts["parse_errors"] += 1
+            log.warning("bms payload rejected", extra={"port": self.port, "register": register, "error": str(exc)})
+            return
+        now = self.clock()
+        self._groups[register] = (now, values)
+        if register != REG_BARCODE and REG_BARCODE in self._groups:
+            # The barcode is read once but stays true while the same BMS keeps answering.
+            self._groups[REG_BARCODE] = (now, self._groups[REG_BARCODE][1])
+
+    async def _request(self, register: int) -> JbdFrame | None:
+        """The BMS's answer to a read of `register`, or None after `retries` retries. Raises _PortLost."""
+        assert self._loop is not None
+        request = encode_read_request(register)
+        for attempt in range(1 + self.retries):
+            if self._lost.is_set() or self._fd is None:
+                raise _PortLost("port lost")
+            if attempt:
+                self._counts["retries"] += 1
+            # Strict request/response: whatever is buffered now belongs to an exchange that is already over.
+            self.decoder.discard_partial()
+            future: asyncio.Future[JbdFrame] = self._loop.create_future()
+            self._waiting = (register, future)
+            try:
+                self._counts["requests"] += 1
+                try:
+                    os.write(self._fd, request)
+                except BlockingIOError:
+                    self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
+                except OSError as exc:
+                    raise _PortLost(str(exc)) from None
+                try:
+                    frame = await asyncio.wait_for(future, timeout=self.timeout_s)
+                except TimeoutError:
+                    self._counts["timeouts"] += 1
+                    continue
+            finally:
+                self._waiting = None
+            self._counts["responses"] += 1
+            return frame
+        self._counts["failed_requests"] += 1
+        return None
+
+    # -- port lifecycle -----------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        assert self._loop is not None
+        # Opening a tty is a quick local syscall sequence (no wait on the device) — fine on the loop.
+        ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0)
+        self._serial = ser
+        self._fd = ser.fileno()
+        os.set_blocking(self._fd, False)
+        self._lost.clear()
+        self.decoder.discard_partial()
+        self._loop.add_reader(self._fd, self._on_readable)
+        log.info("bms port open", extra={"port": self.port, "baudrate": self.baudrate})
+
+    def _close(self) -> None:
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._fd = None
+        ser, self._serial = self._serial, None
+        if ser is not None:
+            with contextlib.suppress(OSError, serial.SerialException):
+                ser.close()
+
+    def _on_readable(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return  # spurious wake-up
+        except OSError as exc:  # EIO once the other side of a pty is gone, ENXIO/ENODEV for unplugged USB
+            self._mark_lost(str(exc))
+            return
+        if not data:
+            self._mark_lost("end of file (hang-up)")
+            return
+        for frame in self.decoder.feed(data):
+            waiting = self._waiting
+            if waiting is not None and waiting[0] == frame.register and not waiting[1].done():
+                waiting[1].set_result(frame)
+            else:
+                self._counts["unexpected_frames"] += 1  # a late answer to a request already given up on
+
+    def _mark_lost(self, reason: str) -> None:
+        # Stop watching the fd now (a dead fd stays readable and would spin the loop); the poll task closes it.
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._lost.set()
+        waiting = self._waiting
+        if waiting is not None and not waiting[1].done():
+            waiting[1].set_exception(_PortLost(reason))
