@@ -26,8 +26,8 @@ class Sealed:
 class Batcher:
     """Accumulates (timestamp, values) samples; `drain()` hands them over as one columnar batch.
 
-    Bounded: past `max_samples` the oldest pending sample is dropped and counted (the durable spool of a later
-    milestone makes this rare by flushing to disk first).
+    Bounded: past `max_samples` the oldest pending sample is dropped and counted (rare: the flusher moves the
+    batch to the durable spool every batch interval).
     """
 
     def __init__(self, catalogue: Catalogue, max_samples: int = 3600) -> None:
@@ -80,13 +80,21 @@ class Sealer:
         return self._next_seq
 
     def seal(self, batch: Batch, now_ms: int, kind: Kind = Kind.TELEMETRY, flags: Flags = Flags.NONE) -> Sealed:
-        body = encode_batch(batch, self._catalogue)
+        return self.seal_body(encode_batch(batch, self._catalogue), len(batch), now_ms, kind, flags)
+
+    def seal_body(
+        self, body: bytes, samples: int, now_ms: int, kind: Kind = Kind.TELEMETRY, flags: Flags = Flags.NONE
+    ) -> Sealed:
+        """Seal an already encoded batch body (the spool keeps bodies and seals them at their first send)."""
         env = Envelope(self.vin, self._key.key_id, self.boot, self._next_seq, now_ms, kind, flags, body)
         payload = seal_envelope(env, self._key)
         seq = self._next_seq
         self._next_seq += 1
-        channel = Channel.ALERT if kind is Kind.ALERT else Channel.TELEMETRY
-        return Sealed(topic(self.vin, channel), payload, seq, kind, len(batch))
+        return Sealed(topic_for(self.vin, kind), payload, seq, kind, samples)
 
 
-__all__ = ["Batcher", "EncodeError", "Sealed", "Sealer"]
+def topic_for(vin: str, kind: Kind) -> str:
+    return topic(vin, Channel.ALERT if kind is Kind.ALERT else Channel.TELEMETRY)
+
+
+__all__ = ["Batcher", "EncodeError", "Sealed", "Sealer", "topic_for"]

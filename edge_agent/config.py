@@ -24,7 +24,10 @@ class AgentConfig:
     batch_interval_s: float = 5.0
     # Without GNSS epochs (no port, no fix), the sampler falls back to the board clock at this period.
     sample_interval_s: float = 1.0
-    outbox_capacity: int = 1000
+    # Bounds of the durable spool (state_dir/spool.db); see edge_agent/spool.py for the eviction policy. At a
+    # 5 s batch interval 50,000 batches are about three days offline.
+    spool_max_rows: int = 50_000
+    spool_max_bytes: int = 64 * 1024 * 1024
     publish_timeout_s: float = 10.0
     keepalive_s: int = 30
 

@@ -1,19 +1,17 @@
-"""Sans-I/O parts of the edge agent: batcher, sealer, outbox, boot counter."""
+"""Sans-I/O parts of the edge agent: batcher, sealer, boot counter, config (the spool: test_spool.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.batcher import Batcher, Sealed, Sealer
+from edge_agent.batcher import Batcher, Sealer
 from edge_agent.bootcount import BootCounterError, next_boot
 from edge_agent.config import AgentConfig, ConfigError
-from edge_agent.outbox import Outbox
-from protocol import DeviceKey, Kind, decode_batch, load_catalogue, parse_envelope
+from protocol import DeviceKey, decode_batch, load_catalogue, parse_envelope
 
 CAT = load_catalogue()
 KEY = DeviceKey.from_seed(b"\x01" * 32)
@@ -63,37 +61,6 @@ def test_sealer_numbers_messages_strictly_increasing_and_signs_them() -> None:
         seqs.append(sealed.seq)
     assert seqs == [0, 1, 2]
     assert sealed.topic == "ev/LZHTEST0000000001/telemetry"
-
-
-def _sealed(kind: Kind, seq: int) -> Sealed:
-    return Sealed("t", b"x", seq, kind, 1)
-
-
-def test_outbox_evicts_oldest_telemetry_before_any_alert_and_counts() -> None:
-    box = Outbox(capacity=3)
-    box.put(_sealed(Kind.ALERT, 0))
-    box.put(_sealed(Kind.TELEMETRY, 1))
-    box.put(_sealed(Kind.TELEMETRY, 2))
-    box.put(_sealed(Kind.ALERT, 3))  # full: evicts telemetry 1, alert 3 goes behind alert 0
-    assert [i.seq for i in box._items] == [0, 3, 2]
-    assert box.evicted == 1
-    box.put(_sealed(Kind.ALERT, 4))
-    box.put(_sealed(Kind.ALERT, 5))
-    assert [i.seq for i in box._items] == [3, 4, 5] and box.evicted == 3
-
-
-def test_outbox_keeps_a_message_until_acked() -> None:
-    async def go() -> None:
-        box = Outbox(capacity=10)
-        assert await box.peek(timeout=0.01) is None
-        item = _sealed(Kind.TELEMETRY, 0)
-        box.put(item)
-        assert await box.peek(timeout=0.01) is item
-        assert await box.peek(timeout=0.01) is item  # peeking twice does not lose or duplicate it
-        box.ack(item)
-        assert len(box) == 0 and box.acked == 1
-
-    asyncio.run(go())
 
 
 def test_boot_counter_increments_durably_and_refuses_garbage(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
         truth = {t.time_ms: t for t in emulator.truth}
         stamps = got["timestamps_ms"]
         assert len(stamps) == agent.stats.samples >= 12
-        assert agent.stats.published == agent.stats.batches and len(agent.outbox) == 0
+        assert agent.stats.published == agent.stats.batches and agent.spool.depth == 0
         for i, ts in enumerate(stamps):
             fix = truth[ts]  # every stored sample carries the exact GNSS time of an emulated epoch
             for signal, (attr, tol) in GNSS_FIELDS.items():

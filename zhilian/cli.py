@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -50,11 +51,14 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning
 
 def _run(coro_fn) -> None:  # type: ignore[no-untyped-def]
     """Run an async entry point with SIGINT/SIGTERM mapped onto its stop event."""
-    from zhilian.serve import install_stop_signals
 
     async def main() -> None:
         stop = asyncio.Event()
-        install_stop_signals(stop)
+        # Not zhilian.serve's helper: importing it pulls in FastAPI and SQLAlchemy (≈ 1 s, tens of MB), which
+        # `zhilian agent` on a board must not pay for.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await coro_fn(stop)
 
     asyncio.run(main())
