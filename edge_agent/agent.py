@@ -218,6 +218,18 @@ class EdgeAgent:
 
         Whatever is still unsent then stays in the spool for the next start.
         """
+        bms = None
+        if self.config.bms_port:
+            from edge_agent.devices.jbd_uart import JbdBmsSource
+
+            bms = JbdBmsSource(
+                self.config.bms_port,
+                self.config.bms_baudrate,
+                poll_interval_s=self.config.bms_poll_interval_s,
+                catalogue=self.catalogue,
+            )
+            await bms.start()
+            self.sources.append(bms)
         gnss = None
         if self.config.gnss_port:
             from edge_agent.gnss import GnssReader
@@ -237,6 +249,9 @@ class EdgeAgent:
             halt.set()
             if gnss is not None:
                 await gnss.stop()
+            if bms is not None:
+                await bms.stop()
+                self.sources.remove(bms)
             # Awaited, not cancelled: a cancelled flusher would abandon a spool put that still commits on the
             # spool's thread after the drain below has already found the spool empty.
             await asyncio.wait(producers, timeout=5.0)

@@ -21,6 +21,10 @@ class AgentConfig:
     broker_port: int = 1883
     gnss_port: str | None = None
     gnss_baudrate: int = 9600
+    # BMS speaking the JBD/Xiaoxiang UART protocol (firmware_specs/BMS_UART.md); None when not fitted.
+    bms_port: str | None = None
+    bms_baudrate: int = 9600
+    bms_poll_interval_s: float = 1.0
     batch_interval_s: float = 5.0
     # Without GNSS epochs (no port, no fix), the sampler falls back to the board clock at this period.
     sample_interval_s: float = 1.0

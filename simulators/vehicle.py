@@ -257,8 +257,13 @@ def quantize(catalogue: Catalogue, name: str, value: float | int | bool) -> floa
 class SyntheticPowertrain:
     """The stand-in for the BMS and motor controller until their device protocols exist: reads the model."""
 
-    def __init__(self, model: VehicleModel) -> None:
+    def __init__(self, model: VehicleModel, devices: frozenset[str] = frozenset({"bms", "controller"})) -> None:
+        # `devices` picks which catalogue sources to stand in for, e.g. only the controller when a BMS emulator
+        # speaks the real protocol on a pty.
         self.model = model
+        catalogue = load_catalogue()
+        self._names = frozenset(s.name for s in catalogue if s.source in devices)
 
     def read(self, now: float) -> dict[str, float | int | bool]:
-        return self.model.signals(self.model.state_at(now))
+        values = self.model.signals(self.model.state_at(now))
+        return {k: v for k, v in values.items() if k in self._names}

@@ -115,3 +115,83 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
     finally:
         stop_agent.set()
         await emulator.stop()
+
+
+def test_bms_values_over_the_jbd_uart_arrive_as_the_bms_answered_them(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    asyncio.run(_bms_scenario(tmp_path, mosquitto))
+
+
+async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
+    from edge_agent.devices.jbd import REG_BASIC_INFO
+    from simulators.bms_jbd import JbdBmsEmulator
+
+    vin = "LZHE2EBMS00000003"
+    key_file = tmp_path / "device.key"
+    DeviceKey.generate().save(key_file)
+    model = VehicleModel(route_for(5), seed=5, start_time=time.time() - 900)
+    gnss = GnssEmulator(model, rate_hz=4.0)
+    bms = JbdBmsEmulator(model, cells=13, probes=2, barcode="ZL48V24AH-E2E001", noise=3)
+    await gnss.start()
+    await bms.start()
+    agent = EdgeAgent(
+        AgentConfig(
+            vin=vin,
+            key_file=key_file,
+            state_dir=tmp_path / "agent",
+            broker_host=broker.host,
+            broker_port=broker.port,
+            gnss_port=gnss.port,
+            bms_port=bms.port,
+            bms_poll_interval_s=0.25,
+            batch_interval_s=0.5,
+        ),
+        sources=[SyntheticPowertrain(model, devices=frozenset({"controller"}))],
+    )
+    stop_agent = asyncio.Event()
+    pack = "Powertrain.TractionBattery."
+    try:
+        async with running_stack(tmp_path / "ingest", broker) as stack:
+            stack.service.registry.register_device(vin, agent.key.public_raw)
+            task = asyncio.create_task(agent.run(stop_agent))
+
+            def bms_rows() -> int:
+                got = stack.service.store.query(vin, 0, 2**62, [pack + "CurrentVoltage"], 10000)
+                return sum(v is not None for v in got.columns[pack + "CurrentVoltage"])
+
+            await wait_until(lambda: bms_rows() >= 8, timeout=30)
+            stop_agent.set()
+            await asyncio.wait_for(task, 15)
+            got = stack.service.store.query(vin, 0, 2**62, None, 10000)
+    finally:
+        stop_agent.set()
+        await gnss.stop()
+        await bms.stop()
+
+    answers = [a.state for a in bms.log if a.register == REG_BASIC_INFO and a.fault == "" and a.status == 0]
+    assert answers, "the BMS emulator never answered"
+    cols = got.columns
+    checked = 0
+    for i in range(len(got.timestamps)):
+        volt = cols[pack + "CurrentVoltage"][i]
+        if volt is None:
+            continue  # samples taken before the first BMS poll completed
+        soc, cur = cols[pack + "StateOfCharge"][i], cols[pack + "CurrentCurrent"][i]
+        # JBD resolutions: 10 mV, 10 mA, 1 % SOC — the value must be one the BMS actually reported.
+        assert any(
+            abs(s.pack_voltage_v - volt) <= 0.0051
+            and abs(s.pack_current_a - cur) <= 0.0051
+            and abs(s.soc_pct - soc) <= 0.51
+            for s in answers
+        ), (volt, cur, soc)
+        cells = [cols[f"{pack}CellVoltage.Cell{k}"][i] for k in range(1, 14)]
+        assert None not in cells and cols[f"{pack}CellVoltage.Cell14"][i] is None
+        assert sum(cells) == pytest.approx(volt, abs=0.011)  # the cells make up the pack
+        assert cols[pack + "CellCount"][i] == 13
+        assert cols[pack + "Barcode"][i] in (None, "ZL48V24AH-E2E001")
+        checked += 1
+    assert checked >= 8
+    assert "ZL48V24AH-E2E001" in cols[pack + "Barcode"]
+    # The controller values still come from the synthetic stand-in, at the sample's own instant.
+    assert all(v is not None for v in cols["Speed"])

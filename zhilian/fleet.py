@@ -1,5 +1,6 @@
-"""A fleet of virtual vehicles: each one a GNSS emulator on its own real pty, a synthetic BMS/controller, and a
-real edge agent reading that pty and publishing to the broker — all multiplexed on one event loop.
+"""A fleet of virtual vehicles: each one a GNSS emulator and a JBD BMS emulator on their own real ptys, a
+synthetic controller, and a real edge agent reading those ptys and publishing to the broker — all multiplexed on
+one event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from protocol import DeviceKey
+from simulators.bms_jbd import JbdBmsEmulator
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
 from simulators.vehicle import SyntheticPowertrain, VehicleModel
@@ -32,6 +34,7 @@ class VirtualVehicle:
     vin: str
     model: VehicleModel
     emulator: GnssEmulator
+    bms: JbdBmsEmulator
     agent: EdgeAgent
 
 
@@ -58,6 +61,8 @@ async def build_vehicle(
     model = VehicleModel(route_for(index), seed=index, start_time=time.time())
     emulator = GnssEmulator(model, rate_hz=gnss_rate_hz, talker="GN" if index % 3 else "GB")
     await emulator.start()
+    bms = JbdBmsEmulator(model, cells=13, probes=2, barcode=f"ZL48V24AH-{index:06d}")
+    await bms.start()
     config = AgentConfig(
         vin=vin,
         key_file=key_file,
@@ -65,10 +70,12 @@ async def build_vehicle(
         broker_host=broker_host,
         broker_port=broker_port,
         gnss_port=emulator.port,
+        bms_port=bms.port,
         batch_interval_s=batch_interval_s,
     )
-    agent = EdgeAgent(config, sources=[SyntheticPowertrain(model)])
-    return VirtualVehicle(vin, model, emulator, agent)
+    # The BMS speaks the real JBD protocol over its pty; the controller is still the model's stand-in.
+    agent = EdgeAgent(config, sources=[SyntheticPowertrain(model, devices=frozenset({"controller"}))])
+    return VirtualVehicle(vin, model, emulator, bms, agent)
 
 
 async def run_fleet(
@@ -102,4 +109,5 @@ async def run_fleet(
         await asyncio.gather(*tasks, return_exceptions=True)
         for v in fleet:
             await v.emulator.stop()
+            await v.bms.stop()
     return fleet
