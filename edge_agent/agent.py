@@ -58,7 +58,7 @@ class EdgeAgent:
         self.clock = clock
         self.boot = next_boot(config.state_dir)
         self.batcher = Batcher(self.catalogue)
-        self.sealer = Sealer(config.vin, self.key, self.boot, self.catalogue)
+        self.sealer = Sealer(config.vin, self.key, self.boot)
         self.spool = SpoolWorker(
             Spool(config.state_dir / SPOOL_FILE, max_rows=config.spool_max_rows, max_bytes=config.spool_max_bytes)
         )

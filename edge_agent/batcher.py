@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protocol import Batch, Catalogue, DeviceKey, EncodeError, Envelope, Flags, Kind, encode_batch, seal_envelope
+from protocol import Batch, Catalogue, DeviceKey, Envelope, Flags, Kind, seal_envelope
 from protocol.batch import batch_from_rows
 from protocol.topics import Channel, topic
 
@@ -68,19 +68,15 @@ class Batcher:
 class Sealer:
     """Turns batches into signed envelopes with this boot's strictly increasing sequence numbers."""
 
-    def __init__(self, vin: str, key: DeviceKey, boot: int, catalogue: Catalogue) -> None:
+    def __init__(self, vin: str, key: DeviceKey, boot: int) -> None:
         self.vin = vin
         self.boot = boot
         self._key = key
-        self._catalogue = catalogue
         self._next_seq = 0
 
     @property
     def next_seq(self) -> int:
         return self._next_seq
-
-    def seal(self, batch: Batch, now_ms: int, kind: Kind = Kind.TELEMETRY, flags: Flags = Flags.NONE) -> Sealed:
-        return self.seal_body(encode_batch(batch, self._catalogue), len(batch), now_ms, kind, flags)
 
     def seal_body(
         self, body: bytes, samples: int, now_ms: int, kind: Kind = Kind.TELEMETRY, flags: Flags = Flags.NONE
@@ -97,4 +93,4 @@ def topic_for(vin: str, kind: Kind) -> str:
     return topic(vin, Channel.ALERT if kind is Kind.ALERT else Channel.TELEMETRY)
 
 
-__all__ = ["Batcher", "EncodeError", "Sealed", "Sealer", "topic_for"]
+__all__ = ["Batcher", "Sealed", "Sealer", "topic_for"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from edge_agent.batcher import Batcher, Sealer
 from edge_agent.bootcount import BootCounterError, next_boot
 from edge_agent.config import AgentConfig, ConfigError
-from protocol import DeviceKey, decode_batch, load_catalogue, parse_envelope
+from protocol import DeviceKey, decode_batch, encode_batch, load_catalogue, parse_envelope
 
 CAT = load_catalogue()
 KEY = DeviceKey.from_seed(b"\x01" * 32)
@@ -49,12 +49,14 @@ def test_batcher_is_bounded_and_counts_drops(times: list[int], bound: int) -> No
 
 
 def test_sealer_numbers_messages_strictly_increasing_and_signs_them() -> None:
-    s = Sealer("LZHTEST0000000001", KEY, boot=4, catalogue=CAT)
+    s = Sealer("LZHTEST0000000001", KEY, boot=4)
     b = Batcher(CAT)
     seqs = []
     for i in range(3):
         b.add(i * 1000, {"Speed": float(i)})
-        sealed = s.seal(b.drain(), now_ms=5000)  # type: ignore[arg-type]
+        batch = b.drain()
+        assert batch is not None
+        sealed = s.seal_body(encode_batch(batch, CAT), len(batch), now_ms=5000)
         env = parse_envelope(sealed.payload).verify(KEY.public_raw)
         assert (env.boot, env.seq) == (4, sealed.seq)
         assert decode_batch(env.body, CAT).batch.columns["Speed"] == [float(i)]
