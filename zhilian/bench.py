@@ -88,6 +88,7 @@ def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
         sec = _time(fn)
         results["cases"][name] = {"us_per_call": sec * 1e6, "samples_per_s": samples / sec}
     results["cases"]["pipeline ingest into SQLite (200 msgs/commit)"] = _bench_pipeline(key, cat)
+    results["decoders"] = _bench_decoders()
     table = Table(title=f"zhilian bench — envelope {len(wire)} B, body {len(body)} B for {SAMPLES_PER_BATCH} samples")
     table.add_column("case")
     table.add_column("µs / call", justify="right")
@@ -95,7 +96,67 @@ def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
     for name, r in results["cases"].items():
         table.add_row(name, f"{r['us_per_call']:.1f}", f"{r['samples_per_s']:,.0f}")
     console.print(table)
+    dec = Table(title="device decoders (sans-I/O cores, one stream fed in 4 KiB reads)")
+    dec.add_column("decoder")
+    dec.add_column("units / s", justify="right")
+    dec.add_column("MB / s", justify="right")
+    for name, r in results["decoders"].items():
+        dec.add_row(name, f"{r['units_per_s']:,.0f} {r['unit']}", f"{r['mb_per_s']:.2f}")
+    console.print(dec)
     return results
+
+
+def _feed_all(decoder_factory: Callable[[], Any], stream: bytes) -> int:
+    decoder = decoder_factory()
+    out = 0
+    for i in range(0, len(stream), 4096):
+        out += len(decoder.feed(stream[i : i + 4096]))
+    return out
+
+
+def _bench_decoders() -> dict[str, dict[str, Any]]:
+    """NMEA (emulated GN receiver: RMC, GGA, 2x GSA, GSV) and JBD BMS frames (0x03 + 0x04, 13 cells)."""
+    from datetime import UTC, datetime, timedelta
+
+    from edge_agent.devices.jbd import (
+        REG_BASIC_INFO,
+        REG_CELL_VOLTAGES,
+        JbdFrameDecoder,
+        build_basic_info,
+        build_cell_voltages,
+        encode_response,
+    )
+    from edge_agent.nmea import NmeaDecoder
+    from simulators.bms_jbd import JbdBmsEmulator
+    from simulators.nmea import SkyModel, encode_epoch
+    from simulators.route import route_for
+    from simulators.vehicle import VehicleModel
+
+    model = VehicleModel(route_for(0), seed=0, start_time=1_767_225_600.0)
+    sky = SkyModel(0)
+    epochs = 600
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    sentences: list[bytes] = []
+    for i in range(epochs):
+        t = start + timedelta(seconds=i)
+        sentences += encode_epoch(model.state_at(t.timestamp()), t, sky.at(t.timestamp())).sentences
+    nmea = b"".join(sentences)
+    emu = JbdBmsEmulator(model, cells=13, probes=2)
+    frames = []
+    for i in range(1000):
+        state = model.state_at(1_767_225_600.0 + i)
+        frames.append(encode_response(REG_BASIC_INFO, build_basic_info(emu.basic_info(state))))
+        cells = [mv / 1000 for mv in emu.cell_millivolts(state)]
+        frames.append(encode_response(REG_CELL_VOLTAGES, build_cell_voltages(cells)))
+    jbd = b"".join(frames)
+    out: dict[str, dict[str, Any]] = {}
+    for name, factory, stream, units, unit in (
+        ("NMEA decoder (pynmea2)", NmeaDecoder, nmea, len(sentences), "sentences"),
+        ("JBD BMS frame decoder", JbdFrameDecoder, jbd, len(frames), "frames"),
+    ):
+        sec = _time(lambda f=factory, s=stream: _feed_all(f, s), min_time=0.5, rounds=3)
+        out[name] = {"unit": unit, "units_per_s": units / sec, "mb_per_s": len(stream) / sec / 1e6}
+    return out
 
 
 def _bench_pipeline(key: DeviceKey, cat: Any) -> dict[str, float]:
