@@ -52,50 +52,62 @@ class DecodedBatch:
     unknown_ids: tuple[int, ...] = ()
 
 
-def _to_wire(sig: Signal, value: Value) -> Any:
+def _column_to_wire(sig: Signal, values: Sequence[Value | None]) -> list[Any]:
+    """Encode one column; like decoding, dispatched once per column rather than once per value."""
+    out: list[Any] = []
+    append = out.append
     if sig.type is SignalType.FLOAT:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EncodeError(f"{sig.name}: expected a number, got {type(value).__name__}")
         assert sig.resolution is not None
-        try:
-            scaled = round(value / sig.resolution)
-        except (OverflowError, ValueError):
-            raise EncodeError(f"{sig.name}: {value!r} cannot be encoded") from None
-        if not -_INT64 <= scaled < _INT64:
-            raise EncodeError(f"{sig.name}: {value!r} overflows the wire integer")
-        return scaled
-    if sig.type is SignalType.INT:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EncodeError(f"{sig.name}: expected an int, got {type(value).__name__}")
-        if not -_INT64 <= value < _INT64:
-            raise EncodeError(f"{sig.name}: {value!r} overflows the wire integer")
-        return value
-    if sig.type is SignalType.BOOL:
-        if not isinstance(value, bool):
-            raise EncodeError(f"{sig.name}: expected a bool, got {type(value).__name__}")
-        return value
-    if not isinstance(value, str):
-        raise EncodeError(f"{sig.name}: expected a str, got {type(value).__name__}")
-    return value
+        res = sig.resolution
+        for v in values:
+            if v is None:
+                append(None)
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise EncodeError(f"{sig.name}: expected a number, got {type(v).__name__}")
+            try:
+                scaled = round(v / res)
+            except (OverflowError, ValueError):
+                raise EncodeError(f"{sig.name}: {v!r} cannot be encoded") from None
+            if not -_INT64 <= scaled < _INT64:
+                raise EncodeError(f"{sig.name}: {v!r} overflows the wire integer")
+            append(scaled)
+        return out
+    # isinstance, not type(): sources may hand over int/float subclasses (IntEnum, numpy scalars); only bool,
+    # itself an int, is refused for numeric signals.
+    for v in values:
+        if v is None:
+            continue
+        if sig.type is SignalType.INT:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise EncodeError(f"{sig.name}: expected an int, got {type(v).__name__}")
+            if not -_INT64 <= v < _INT64:
+                raise EncodeError(f"{sig.name}: {v!r} overflows the wire integer")
+        elif not isinstance(v, bool if sig.type is SignalType.BOOL else str):
+            raise EncodeError(f"{sig.name}: expected a {sig.type.value}, got {type(v).__name__}")
+    return list(values)
 
 
-def _from_wire(sig: Signal, raw: Any) -> Value:
+def _column_from_wire(sig: Signal, raw: list[Any]) -> list[Value | None]:
+    """Decode one column; per-column dispatch keeps the per-value work to a type check and one conversion."""
+    out: list[Value | None] = []
+    append = out.append
     if sig.type is SignalType.FLOAT:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise DecodeError(f"signal id {sig.id}: float signals travel as scaled integers")
         assert sig.resolution is not None
-        return round(raw * sig.resolution, sig.decimals)
-    if sig.type is SignalType.INT:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise DecodeError(f"signal id {sig.id}: expected an integer")
-        return raw
-    if sig.type is SignalType.BOOL:
-        if not isinstance(raw, bool):
-            raise DecodeError(f"signal id {sig.id}: expected a boolean")
-        return raw
-    if not isinstance(raw, str):
-        raise DecodeError(f"signal id {sig.id}: expected a string")
-    return raw
+        res, ndigits = sig.resolution, sig.decimals
+        for v in raw:
+            if v is None:
+                append(None)
+            elif type(v) is int:  # bool is not int here, by design
+                append(round(v * res, ndigits))
+            else:
+                raise DecodeError(f"signal id {sig.id}: float signals travel as scaled integers")
+        return out
+    expected: type = {SignalType.INT: int, SignalType.BOOL: bool, SignalType.STR: str}[sig.type]
+    for v in raw:
+        if v is not None and type(v) is not expected:
+            raise DecodeError(f"signal id {sig.id}: expected {sig.type.value}, got {type(v).__name__}")
+    return list(raw)
 
 
 def encode_batch(batch: Batch, catalogue: Catalogue) -> bytes:
@@ -119,7 +131,7 @@ def encode_batch(batch: Batch, catalogue: Catalogue) -> bytes:
             raise EncodeError(f"unknown signal {name!r}") from None
         if len(values) != n:
             raise EncodeError(f"{name}: {len(values)} values for {n} timestamps")
-        columns[sig.id] = [None if v is None else _to_wire(sig, v) for v in values]
+        columns[sig.id] = _column_to_wire(sig, values)
     body = [ts[0], deltas, {k: columns[k] for k in sorted(columns)}]
     out: bytes = msgpack.packb(body, use_bin_type=True)
     if len(out) > MAX_BODY_BYTES:
@@ -174,7 +186,7 @@ def decode_batch(data: bytes, catalogue: Catalogue) -> DecodedBatch:
         if sig is None:
             unknown.append(wire_id)
             continue
-        columns[sig.name] = [None if v is None else _from_wire(sig, v) for v in values]
+        columns[sig.name] = _column_from_wire(sig, values)
     return DecodedBatch(Batch(timestamps, columns), tuple(sorted(unknown)))
 
 
