@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker_bridge.paho_loop import PahoOnAsyncio
 from protocol.errors import TopicError
+from protocol.tls import optional_client_context
 from protocol.topics import Channel, parse_topic, subscription
 
 log = logging.getLogger("zhilian.bridge")
@@ -69,7 +71,13 @@ class MqttBridge:
         max_batch: int = 256,
         keepalive: int = 30,
         metrics: CollectorRegistry | None = None,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
+        # Built once (a bad TLS file fails construction with TlsConfigError); the certificate's CN, normally
+        # "zhilian-bridge", is the identity the broker's ACL grants read on every vehicle's uplink.
+        self._tls = optional_client_context(tls_ca, tls_cert, tls_key)
         self._ingest_many = ingest_many
         self.host, self.port = host, port
         self.client_id = client_id
@@ -194,6 +202,8 @@ class MqttBridge:
                     protocol=mqtt.MQTTv5,
                     manual_ack=True,
                 )
+                if self._tls is not None:
+                    client.tls_set_context(self._tls)
                 client.on_connect = self._on_connect
                 client.on_subscribe = self._on_subscribe
                 client.on_message = self._on_message

@@ -24,6 +24,7 @@ from edge_agent.nmea import GnssFix
 from edge_agent.sources import ValueSource
 from edge_agent.spool import SPOOL_FILE, Spool, SpoolError, SpoolWorker, backfill_flags
 from protocol import Catalogue, DeviceKey, EncodeError, Kind, encode_batch, load_catalogue
+from protocol.tls import optional_client_context
 from protocol.topics import validate_vin
 
 log = logging.getLogger("zhilian.agent")
@@ -63,6 +64,8 @@ class EdgeAgent:
             Spool(config.state_dir / SPOOL_FILE, max_rows=config.spool_max_rows, max_bytes=config.spool_max_bytes)
         )
         self.stats = AgentStats()
+        # Built once: a bad or too-readable TLS file fails the start (TlsConfigError), not every reconnect.
+        self._tls = optional_client_context(config.tls_ca, config.tls_cert, config.tls_key)
         self._last_fix_monotonic = -1e9
         # True once a connection attempt failed or the connection was lost, until the next successful connect:
         # rows spooled meanwhile are backfill (see edge_agent/spool.py). Unknown (False) before the first attempt.
@@ -152,6 +155,7 @@ class EdgeAgent:
                     protocol=aiomqtt.ProtocolVersion.V5,
                     keepalive=cfg.keepalive_s,
                     timeout=cfg.publish_timeout_s,
+                    tls_context=self._tls,
                 ) as client:
                     self.stats.connected = True
                     self.stats.connects += 1

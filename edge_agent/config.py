@@ -34,6 +34,11 @@ class AgentConfig:
     spool_max_bytes: int = 64 * 1024 * 1024
     publish_timeout_s: float = 10.0
     keepalive_s: int = 30
+    # Mutual TLS to the broker (all three or none): the CA that signed the broker's certificate, and this
+    # vehicle's client certificate (CN = VIN, which the broker's ACL confines to ev/{vin}/) with its 0600 key.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> AgentConfig:
@@ -47,8 +52,8 @@ class AgentConfig:
         if unknown:
             raise ConfigError(f"unknown agent config keys: {sorted(unknown)}")
         values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
-        for name in ("key_file", "state_dir"):
-            if name in values:
+        for name in ("key_file", "state_dir", "tls_ca", "tls_cert", "tls_key"):
+            if values.get(name) is not None:
                 values[name] = Path(values[name])
         try:
             return cls(**values)

@@ -27,6 +27,15 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         broker.stop()
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """One MQTT client's mutual-TLS files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class Stack:
     service: IngestService
@@ -38,14 +47,20 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(data_dir: Path, broker: MosquittoProcess) -> AsyncIterator[Stack]:
-    """Ingest service + bridge + HTTP API on one loop, as `zhilian serve` runs them."""
+async def running_stack(data_dir: Path, broker: MosquittoProcess, tls: ClientTls | None = None) -> AsyncIterator[Stack]:
+    """Ingest service + bridge + HTTP API on one loop, as `zhilian serve` runs them; `tls`: the bridge's mTLS files."""
     service = IngestService.open(data_dir)
     admin = service.registry.create_api_key("admin", "test-admin")
     viewer = service.registry.create_api_key("viewer", "test-viewer")
     stop = asyncio.Event()
     bridge = MqttBridge(
-        service.pipeline.ingest_many, host=broker.host, port=broker.port, metrics=service.pipeline.metrics
+        service.pipeline.ingest_many,
+        host=broker.host,
+        port=broker.port,
+        metrics=service.pipeline.metrics,
+        tls_ca=tls.ca if tls else None,
+        tls_cert=tls.cert if tls else None,
+        tls_key=tls.key if tls else None,
     )
     port = free_port()
     server = _Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))

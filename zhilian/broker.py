@@ -5,12 +5,14 @@ Used by `zhilian demo` and by the test fixtures, so neither depends on (or distu
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -33,19 +35,65 @@ def find_mosquitto() -> str:
     return exe
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The broker's side of mutual TLS: the CA that signs client certificates, and the broker's own cert/key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+# The ACL of DESIGN.md ("a device may only publish under its own ev/{vin}/"); the username is the client
+# certificate's CN (`use_identity_as_username`). deploy/mosquitto/acl carries the same rules (a test compares them).
+ACL_RULES = """\
+# Devices: CN = VIN; read and write only below their own ev/{vin}/ (telemetry, alert, status, cmd, cmd/ack).
+pattern readwrite ev/%u/#
+
+# The cloud bridge: consumes every vehicle's uplink, sends commands, reads their acknowledgements.
+user zhilian-bridge
+topic read ev/+/telemetry
+topic read ev/+/alert
+topic read ev/+/status
+topic write ev/+/cmd
+topic read ev/+/cmd/ack
+"""
+
+
 class MosquittoProcess:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, tls: TlsFiles | None = None) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
+        self.acl_path = self.workdir / "acl"
+
+    def _security_lines(self) -> list[str]:
+        if self.tls is None:
+            return ["allow_anonymous true"]
+        return [
+            f"cafile {self.tls.ca}",
+            f"certfile {self.tls.cert}",
+            f"keyfile {self.tls.key}",
+            "tls_version tlsv1.2",
+            # Only clients with a certificate from our CA get in, and the certificate's CN is their identity:
+            # no passwords to provision or leak, and the ACL's %u is a name the client cannot choose.
+            "require_certificate true",
+            "use_identity_as_username true",
+            "allow_anonymous false",
+            f"acl_file {self.acl_path}",
+        ]
 
     def config_text(self) -> str:
         return "\n".join(
             [
                 f"listener {self.port} {self.host}",
-                "allow_anonymous true",
+                # Started as root (containers, CI), mosquitto would drop to the `mosquitto` user, which cannot
+                # read our private temp dir (log, TLS key at 0600): stay whoever started us.
+                f"user {getpass.getuser()}",
+                *self._security_lines(),
                 "persistence false",
                 # Deep enough for a bridge restart under a fleet's load; QoS 1 messages beyond it are dropped
                 # by the broker, so the bridge's persistent session must not stay away long.
@@ -63,6 +111,8 @@ class MosquittoProcess:
         exe = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
+        if self.tls is not None:
+            self.acl_path.write_text(ACL_RULES, encoding="utf-8")
         conf.write_text(self.config_text(), encoding="utf-8")
         self.proc = subprocess.Popen(
             [exe, "-c", str(conf)],

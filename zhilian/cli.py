@@ -47,6 +47,9 @@ def _logging(level: str) -> None:
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")]
+TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="mutual TLS: CA certificate that signed the broker's")]
+TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="mutual TLS: this client's certificate (PEM)")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="mutual TLS: this client's private key (PEM, 0600)")]
 
 
 def _run(coro_fn) -> None:  # type: ignore[no-untyped-def]
@@ -72,13 +75,29 @@ def serve(
     mqtt_host: str = "127.0.0.1",
     mqtt_port: int = 1883,
     bridge: Annotated[bool, typer.Option(help="also consume from the MQTT broker")] = True,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the ingest API and the MQTT bridge together."""
     from zhilian.serve import serve as serve_
 
     _logging(log_level)
-    _run(lambda stop: serve_(data_dir, http_host, http_port, mqtt_host, mqtt_port, with_bridge=bridge, stop=stop))
+    _run(
+        lambda stop: serve_(
+            data_dir,
+            http_host,
+            http_port,
+            mqtt_host,
+            mqtt_port,
+            with_bridge=bridge,
+            stop=stop,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+        )
+    )
 
 
 @app.command()
@@ -102,6 +121,9 @@ def bridge(
     mqtt_port: int = 1883,
     share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group (several workers)")] = None,
     client_id: str = "zhilian-bridge",
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run only the MQTT bridge, storing into DATA_DIR's databases."""
@@ -117,6 +139,9 @@ def bridge(
             share_group=share_group,
             client_id=client_id,
             stop=stop,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     )
 
@@ -133,6 +158,9 @@ def agent(
     broker_host: str | None = None,
     broker_port: int | None = None,
     batch_interval: float | None = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the edge agent (as on a vehicle board)."""
@@ -150,6 +178,9 @@ def agent(
         "broker_host": broker_host,
         "broker_port": broker_port,
         "batch_interval_s": batch_interval,
+        "tls_ca": tls_ca,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
     }
     if config is not None:
         cfg = AgentConfig.from_toml(config, **overrides)
@@ -221,6 +252,38 @@ def keys_device(out: Annotated[Path, typer.Argument(help="private key file to cr
     key = DeviceKey.generate()
     key.save(out)
     console.print(f"public_key={base64.b64encode(key.public_raw).decode()} key_id={key.key_id.hex()}")
+
+
+@keys_app.command("tls-ca")
+def keys_tls_ca(
+    out: Annotated[Path, typer.Option(help="directory for ca.crt, ca.key and the broker's server.crt/server.key")],
+    host: Annotated[list[str] | None, typer.Option(help="broker address for its certificate (repeatable)")] = None,
+) -> None:
+    """Create a dev/test CA for the MQTT transport's mutual TLS, plus the broker's certificate."""
+    from zhilian.pki import PkiError, issue_server_cert, make_ca
+
+    try:
+        ca = make_ca(out)
+        server = issue_server_cert(ca, out, host or ["127.0.0.1", "localhost"])
+    except PkiError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"ca={ca.cert} server_cert={server.cert} server_key={server.key}")
+
+
+@keys_app.command("tls-client")
+def keys_tls_client(
+    ca_dir: Annotated[Path, typer.Option(help="directory made by `zhilian keys tls-ca`")],
+    cn: Annotated[str, typer.Option(help="identity: the vehicle's VIN, or zhilian-bridge for the bridge")],
+    out: Annotated[Path, typer.Option(help="directory for CN.crt and CN.key (0600)")],
+) -> None:
+    """Issue a client certificate; its CN is the MQTT username the broker's ACL applies."""
+    from zhilian.pki import Ca, PkiError, issue_client_cert
+
+    try:
+        files = issue_client_cert(Ca.load(ca_dir), out, cn)
+    except PkiError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"cert={files.cert} key={files.key}")
 
 
 @keys_app.command("api")

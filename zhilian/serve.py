@@ -45,6 +45,9 @@ async def serve(
     share_group: str | None = None,
     client_id: str = "zhilian-bridge",
     stop: asyncio.Event | None = None,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> None:
     stop = stop or asyncio.Event()
     service = IngestService.open(data_dir)
@@ -62,6 +65,9 @@ async def serve(
                 client_id=client_id,
                 share_group=share_group,
                 metrics=service.pipeline.metrics,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
             )
             tasks.append(asyncio.create_task(bridge.run(stop), name="bridge"))
         log.info("serving", extra={"http": f"{http_host}:{http_port}", "mqtt": f"{mqtt_host}:{mqtt_port}"})
