@@ -1,0 +1,290 @@
+"""The motor controller on a serial port, read from the event loop: a thin shell around `devices.controller`.
+
+The controller streams a status frame every ~200 ms unprompted; those are decoded as they arrive in a
+`loop.add_reader` callback. Its config (speed limit, wheel size, pole pairs, firmware) is asked for with a
+6-byte request once per connection, again when the controller resumes streaming after going silent (it may have
+rebooted or been swapped), and every `config_poll_s`; an unanswered request (`timeout_s`) is retried after
+`CONFIG_RETRY_S` rather than a whole poll interval.
+
+pyserial opens and configures the port (raw, timeout=0); writes are non-blocking `os.write`s, so nothing blocks
+the loop. A port that vanishes (USB adapter unplugged, pty closed, read error, hang-up) is closed and reopened
+with a bounded exponential backoff until `stop()`.
+
+`read(now)` implements the agent's ValueSource protocol: status values younger than `stale_after_s`, plus the
+config values while status is fresh on the same connection; a lost port drops them all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import serial
+
+from edge_agent.devices.controller import (
+    TYPE_CONFIG,
+    TYPE_STATUS,
+    ControllerError,
+    ControllerFrame,
+    ControllerFrameDecoder,
+    encode_config_request,
+    parse_config,
+    parse_status,
+)
+from protocol.catalogue import Catalogue, Value, load_catalogue
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024
+CONFIG_RETRY_S = 2.0  # an unanswered config read is asked again this soon (capped by config_poll_s)
+_COUNTERS = (
+    "status_frames",
+    "config_requests",
+    "config_responses",
+    "config_timeouts",
+    "parse_errors",
+    "unexpected_frames",
+    "write_blocked",
+    "disconnects",
+    "reconnects",
+)
+
+
+class _PortLost(Exception):
+    pass
+
+
+class ControllerSource:
+    def __init__(
+        self,
+        port: str,
+        baudrate: int = 9600,
+        config_poll_s: float = 30.0,
+        timeout_s: float = 0.5,
+        *,
+        stale_after_s: float = 2.0,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 10.0,
+        catalogue: Catalogue | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if config_poll_s <= 0 or timeout_s <= 0 or stale_after_s <= 0:
+            raise ValueError("config_poll_s, timeout_s and stale_after_s must be positive")
+        self.port = port
+        self.baudrate = baudrate
+        self.config_poll_s = config_poll_s
+        self.timeout_s = timeout_s
+        self.stale_after_s = stale_after_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.catalogue = catalogue or load_catalogue()
+        self.clock = clock
+        self.decoder = ControllerFrameDecoder()
+        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._status: tuple[float, dict[str, Value]] | None = None  # (wall-clock time received, signals)
+        self._config: dict[str, Value] | None = None
+        self._serial: serial.Serial | None = None
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._config_waiter: asyncio.Future[ControllerFrame] | None = None
+        self._wake = asyncio.Event()  # port lost, or the config is wanted again
+        self._lost = False
+        self._config_wanted = False
+        self._running = False
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Own counters plus the decoder's line-quality ones; bad_frames = checksum or framing failures."""
+        dec = self.decoder.counters
+        return {
+            **self._counts,
+            "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
+            "bad_checksum": dec["bad_checksum"],
+            "garbage_bytes": dec["garbage"],
+        }
+
+    async def start(self) -> None:
+        """Start reading in the background; a port that is not there yet is retried, never raised."""
+        if self._running:
+            raise RuntimeError("source already started")
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._task = self._loop.create_task(self._run(), name=f"controller:{self.port}")
+
+    async def stop(self) -> None:
+        self._running = False
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=2.0)
+        self._close()
+
+    def read(self, now: float) -> dict[str, Value]:
+        status = self._status
+        if status is None or now - status[0] > self.stale_after_s:
+            return {}  # a silent controller yields nothing, its config included: it may be another one next
+        out = dict(self._config or {})
+        out.update(status[1])
+        return out
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.retry_initial_s
+        opened_before = False
+        while self._running:
+            try:
+                self._open()
+            except (OSError, serial.SerialException) as exc:
+                log.debug("controller port unavailable", extra={"port": self.port, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(self.retry_max_s, delay * 2)
+                continue
+            delay = self.retry_initial_s
+            if opened_before:
+                self._counts["reconnects"] += 1
+            opened_before = True
+            try:
+                await self._config_forever()
+            except _PortLost as exc:
+                self._counts["disconnects"] += 1
+                log.warning("controller port lost", extra={"port": self.port, "error": str(exc)})
+                self._close()
+                # Whatever comes back on this port may be another controller: no values of this one may mix in.
+                self._status = None
+                self._config = None
+                await asyncio.sleep(delay)
+
+    async def _config_forever(self) -> None:
+        while True:
+            self._config_wanted = False
+            answered = await self._request_config()
+            wait = self.config_poll_s if answered else min(self.config_poll_s, CONFIG_RETRY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            self._wake.clear()
+            if self._lost:
+                raise _PortLost("port lost")
+
+    async def _request_config(self) -> bool:
+        """Ask for the config and wait up to `timeout_s`; True when it was answered. Raises _PortLost."""
+        assert self._loop is not None
+        if self._lost or self._fd is None:
+            raise _PortLost("port lost")
+        future: asyncio.Future[ControllerFrame] = self._loop.create_future()
+        self._config_waiter = future
+        try:
+            self._counts["config_requests"] += 1
+            try:
+                os.write(self._fd, encode_config_request())
+            except BlockingIOError:
+                self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
+            except OSError as exc:
+                raise _PortLost(str(exc)) from None
+            try:
+                await asyncio.wait_for(future, timeout=self.timeout_s)
+            except TimeoutError:
+                self._counts["config_timeouts"] += 1
+                return False
+        finally:
+            self._config_waiter = None
+        return True
+
+    # -- frames -------------------------------------------------------------------------------------------
+
+    def _take(self, frame: ControllerFrame) -> None:
+        if frame.type == TYPE_STATUS:
+            try:
+                values = parse_status(frame.payload).signals(self.catalogue)
+            except ControllerError as exc:
+                self._counts["parse_errors"] += 1
+                log.warning("controller status rejected", extra={"port": self.port, "error": str(exc)})
+                return
+            now = self.clock()
+            previous = self._status
+            if previous is not None and now - previous[0] > self.stale_after_s:
+                # Streaming again after silence: a rebooted or swapped controller may carry another config.
+                self._config = None
+                self._want_config()
+            self._counts["status_frames"] += 1
+            self._status = (now, values)
+        elif frame.type == TYPE_CONFIG:
+            waiter = self._config_waiter
+            try:
+                self._config = parse_config(frame.payload).signals(self.catalogue)
+            except ControllerError as exc:
+                self._counts["parse_errors"] += 1
+                log.warning("controller config rejected", extra={"port": self.port, "error": str(exc)})
+                return  # the request times out and is asked again soon
+            self._counts["config_responses"] += 1
+            if waiter is not None and not waiter.done():
+                waiter.set_result(frame)
+        else:
+            self._counts["unexpected_frames"] += 1
+
+    def _want_config(self) -> None:
+        if not self._config_wanted and self._config_waiter is None:
+            self._config_wanted = True
+            self._wake.set()
+
+    # -- port lifecycle -----------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        assert self._loop is not None
+        # Opening a tty is a quick local syscall sequence (no wait on the device) — fine on the loop.
+        ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0)
+        self._serial = ser
+        self._fd = ser.fileno()
+        os.set_blocking(self._fd, False)
+        self._lost = False
+        self._wake.clear()
+        self.decoder.discard_partial()
+        self._loop.add_reader(self._fd, self._on_readable)
+        log.info("controller port open", extra={"port": self.port, "baudrate": self.baudrate})
+
+    def _close(self) -> None:
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._fd = None
+        ser, self._serial = self._serial, None
+        if ser is not None:
+            with contextlib.suppress(OSError, serial.SerialException):
+                ser.close()
+
+    def _on_readable(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return  # spurious wake-up
+        except OSError as exc:  # EIO once the other side of a pty is gone, ENXIO/ENODEV for unplugged USB
+            self._mark_lost(str(exc))
+            return
+        if not data:
+            self._mark_lost("end of file (hang-up)")
+            return
+        for frame in self.decoder.feed(data):
+            self._take(frame)
+
+    def _mark_lost(self, reason: str) -> None:
+        # Stop watching the fd now (a dead fd stays readable and would spin the loop); the task closes it.
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._lost = True
+        self._wake.set()
+        waiter = self._config_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_PortLost(reason))

@@ -1,0 +1,225 @@
+"""A motor controller on a real serial pty, streaming status from the vehicle model and answering config reads.
+
+The agent opens `emulator.port` with pyserial as it would /dev/ttyS3. Frames are built with the agent's own
+sans-I/O codec (edge_agent.devices.controller). Every `period_s` a status frame describes `model.state_at(clock())`:
+wheel speed and temperatures come straight from the state; motor rpm is the wheel's rpm for the configured wheel
+size (a hub motor turns with the wheel); the battery-side current is the pack's discharge current and the phase
+current a fixed multiple of it; the brake is on while the model decelerates, the throttle open in proportion to
+the current while it is driven. Config reads are answered at once.
+
+Faults, for tests of the client's resilience:
+  noise                  up to this many random bytes of line noise before each frame;
+  bad_checksum_every     every Nth frame sent carries a wrong checksum;
+  truncate_every         every Nth frame sent is cut off before its end;
+  tamper_speed_limit_kmh the config reports this speed limit instead (a derestricted controller).
+`log` keeps what was sent (bounded), as ground truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+import tty
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.devices.controller import (
+    TYPE_CONFIG,
+    TYPE_READ_CONFIG,
+    TYPE_STATUS,
+    ControllerConfig,
+    ControllerRequestDecoder,
+    ControllerStatus,
+    build_config,
+    build_status,
+    encode_frame,
+)
+from simulators.vehicle import CONTROLLER_MAX_CURRENT_A, IDLE_CURRENT_A, VehicleModel, VehicleState
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024
+PHASE_TO_SUPPLY = 1.6  # phase current exceeds the DC current at part duty cycle; a fixed ratio is plausible enough
+ACCEL_WINDOW_S = 0.5  # the speed change over this window decides "braking"
+BRAKE_DECEL_KMH_S = 0.5
+INCH_M = 0.0254
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSent:
+    """One frame the emulator sent and what it described."""
+
+    t: float  # model time the frame describes
+    type: int  # TYPE_STATUS or TYPE_CONFIG
+    payload: bytes  # as built, before any fault was applied
+    fault: str  # "" | "bad_checksum" | "truncated" | "write_failed"
+    state: VehicleState
+
+
+class ControllerEmulator:
+    def __init__(
+        self,
+        model: VehicleModel,
+        *,
+        speed_limit_kmh: float = 25.0,
+        wheel_inch: float = 16.0,
+        pole_pairs: int = 23,
+        firmware: str = "ZL-C1.4.2",
+        assist_level: int = 3,
+        faults: int = 0,
+        motor_sensor: bool = True,
+        period_s: float = 0.2,
+        noise: int = 0,
+        bad_checksum_every: int = 0,
+        truncate_every: int = 0,
+        tamper_speed_limit_kmh: float | None = None,
+        clock: Callable[[], float] = time.time,
+        log_maxlen: int = 1000,
+    ) -> None:
+        if period_s <= 0 or wheel_inch <= 0:
+            raise ValueError("period_s and wheel_inch must be positive")
+        self.model = model
+        self.speed_limit_kmh = speed_limit_kmh
+        self.wheel_inch = wheel_inch
+        self.pole_pairs = pole_pairs
+        self.firmware = firmware
+        self.assist_level = assist_level
+        self.faults = faults
+        self.motor_sensor = motor_sensor
+        self.period_s = period_s
+        self.noise = noise
+        self.bad_checksum_every = bad_checksum_every
+        self.truncate_every = truncate_every
+        self.tamper_speed_limit_kmh = tamper_speed_limit_kmh
+        self.clock = clock
+        self.log: deque[ControllerSent] = deque(maxlen=log_maxlen)
+        self.sent = 0  # frames sent (faulty ones included), the base of the every-N faults
+        self.config_reads = 0
+        self.write_failures = 0
+        self.port = ""
+        self.decoder = ControllerRequestDecoder()
+        self._rng = random.Random(model.seed)
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._master is not None:
+            raise RuntimeError("emulator already started")
+        master, slave = os.openpty()
+        tty.setraw(master)
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        # The slave fd stays open for our lifetime: with no slave open, the pty hangs up whenever the client
+        # closes it to reconnect.
+        self.port = os.ttyname(slave)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(master, self._on_readable)
+        self._task = self._loop.create_task(self._stream(), name=f"controller-emulator:{self.port}")
+        log.info("controller emulator started", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=2.0)
+        if self._master is not None and self._loop is not None:
+            self._loop.remove_reader(self._master)
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = None
+
+    # -- what the controller would say --------------------------------------------------------------------
+
+    def status(self, state: VehicleState) -> ControllerStatus:
+        earlier = self.model.state_at(state.t - ACCEL_WINDOW_S)
+        accel_kmh_s = (state.speed_kmh - earlier.speed_kmh) / ACCEL_WINDOW_S
+        supply_a = -state.pack_current_a  # the pack's discharge current is what the controller draws
+        braking = accel_kmh_s < -BRAKE_DECEL_KMH_S
+        driving = not braking and supply_a > IDLE_CURRENT_A + 0.2
+        throttle = min(100, round(100 * supply_a / CONTROLLER_MAX_CURRENT_A)) if driving else 0
+        wheel_rpm = state.speed_kmh / 3.6 / (math.pi * self.wheel_inch * INCH_M) * 60.0
+        return ControllerStatus(
+            speed_kmh=state.speed_kmh,
+            motor_rpm=round(wheel_rpm),
+            phase_current_a=PHASE_TO_SUPPLY * (supply_a - IDLE_CURRENT_A),
+            supply_current_a=supply_a,
+            controller_temp_c=state.controller_temp_c,
+            motor_temp_c=state.motor_temp_c if self.motor_sensor else None,
+            faults=self.faults,
+            brake=braking,
+            throttle_pct=max(0, throttle),
+            assist_level=self.assist_level,
+        )
+
+    def config(self) -> ControllerConfig:
+        limit = self.speed_limit_kmh if self.tamper_speed_limit_kmh is None else self.tamper_speed_limit_kmh
+        return ControllerConfig(
+            speed_limit_kmh=limit, wheel_inch=self.wheel_inch, pole_pairs=self.pole_pairs, firmware=self.firmware
+        )
+
+    # -- I/O ----------------------------------------------------------------------------------------------
+
+    async def _stream(self) -> None:
+        assert self._loop is not None
+        next_at = self._loop.time()
+        while True:
+            state = self.model.state_at(self.clock())
+            self._send(TYPE_STATUS, build_status(self.status(state)), state)
+            next_at += self.period_s
+            now = self._loop.time()
+            if next_at < now:
+                next_at = now  # a stalled loop does not make up for lost frames with a burst
+            await asyncio.sleep(next_at - now)
+
+    def _on_readable(self) -> None:
+        if self._master is None:
+            return
+        try:
+            data = os.read(self._master, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            return  # no slave open right now (we hold one, so this is transient); nothing to answer
+        for request in self.decoder.feed(data):
+            if request.type == TYPE_READ_CONFIG:
+                self.config_reads += 1
+                self._send(TYPE_CONFIG, build_config(self.config()), self.model.state_at(self.clock()))
+
+    def _send(self, frame_type: int, payload: bytes, state: VehicleState) -> None:
+        frame = bytearray(encode_frame(frame_type, payload))
+        self.sent += 1
+        fault = ""
+        if self.bad_checksum_every and self.sent % self.bad_checksum_every == 0:
+            frame[-3] ^= 0x5A
+            fault = "bad_checksum"
+        elif self.truncate_every and self.sent % self.truncate_every == 0:
+            del frame[max(3, len(frame) // 2) :]
+            fault = "truncated"
+        noise = bytes(self._rng.randrange(256) for _ in range(self._rng.randint(0, self.noise)))
+        if not self._write(noise + frame):
+            fault = "write_failed"
+        self.log.append(ControllerSent(state.t, frame_type, payload, fault, state))
+
+    def _write(self, data: bytes) -> bool:
+        if self._master is None:
+            return False
+        try:
+            n = os.write(self._master, data)
+        except OSError:  # BlockingIOError included: nobody drains the pty
+            n = 0
+        if n < len(data):
+            self.write_failures += 1
+            return False
+        return True
