@@ -234,6 +234,15 @@ class EdgeAgent:
             )
             await bms.start()
             self.sources.append(bms)
+        controller = None
+        if self.config.controller_port:
+            from edge_agent.devices.controller_uart import ControllerSource
+
+            controller = ControllerSource(
+                self.config.controller_port, self.config.controller_baudrate, catalogue=self.catalogue
+            )
+            await controller.start()
+            self.sources.append(controller)
         gnss = None
         if self.config.gnss_port:
             from edge_agent.gnss import GnssReader
@@ -253,9 +262,10 @@ class EdgeAgent:
             halt.set()
             if gnss is not None:
                 await gnss.stop()
-            if bms is not None:
-                await bms.stop()
-                self.sources.remove(bms)
+            for device in (bms, controller):
+                if device is not None:
+                    await device.stop()
+                    self.sources.remove(device)
             # Awaited, not cancelled: a cancelled flusher would abandon a spool put that still commits on the
             # spool's thread after the drain below has already found the spool empty.
             await asyncio.wait(producers, timeout=5.0)

@@ -25,6 +25,9 @@ class AgentConfig:
     bms_port: str | None = None
     bms_baudrate: int = 9600
     bms_poll_interval_s: float = 1.0
+    # Motor controller speaking the Zhilian controller UART protocol (firmware_specs/CONTROLLER_UART.md).
+    controller_port: str | None = None
+    controller_baudrate: int = 9600
     batch_interval_s: float = 5.0
     # Without GNSS epochs (no port, no fix), the sampler falls back to the board clock at this period.
     sample_interval_s: float = 1.0

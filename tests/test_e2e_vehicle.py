@@ -117,15 +117,17 @@ async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> No
         await emulator.stop()
 
 
-def test_bms_values_over_the_jbd_uart_arrive_as_the_bms_answered_them(
+def test_bms_and_controller_values_over_uart_arrive_as_the_devices_sent_them(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     asyncio.run(_bms_scenario(tmp_path, mosquitto))
 
 
 async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
+    from edge_agent.devices.controller import TYPE_STATUS, parse_status
     from edge_agent.devices.jbd import REG_BASIC_INFO
     from simulators.bms_jbd import JbdBmsEmulator
+    from simulators.controller_uart import ControllerEmulator
 
     vin = "LZHE2EBMS00000003"
     key_file = tmp_path / "device.key"
@@ -133,8 +135,10 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     model = VehicleModel(route_for(5), seed=5, start_time=time.time() - 900)
     gnss = GnssEmulator(model, rate_hz=4.0)
     bms = JbdBmsEmulator(model, cells=13, probes=2, barcode="ZL48V24AH-E2E001", noise=3)
+    controller = ControllerEmulator(model, tamper_speed_limit_kmh=45.0)
     await gnss.start()
     await bms.start()
+    await controller.start()
     agent = EdgeAgent(
         AgentConfig(
             vin=vin,
@@ -145,9 +149,9 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
             gnss_port=gnss.port,
             bms_port=bms.port,
             bms_poll_interval_s=0.25,
+            controller_port=controller.port,
             batch_interval_s=0.5,
-        ),
-        sources=[SyntheticPowertrain(model, devices=frozenset({"controller"}))],
+        )
     )
     stop_agent = asyncio.Event()
     pack = "Powertrain.TractionBattery."
@@ -156,11 +160,13 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
             stack.service.registry.register_device(vin, agent.key.public_raw)
             task = asyncio.create_task(agent.run(stop_agent))
 
-            def bms_rows() -> int:
-                got = stack.service.store.query(vin, 0, 2**62, [pack + "CurrentVoltage"], 10000)
-                return sum(v is not None for v in got.columns[pack + "CurrentVoltage"])
+            def device_rows() -> int:
+                """Samples that carry both a BMS and a controller value."""
+                got = stack.service.store.query(vin, 0, 2**62, [pack + "CurrentVoltage", "Speed"], 10000)
+                both = zip(got.columns[pack + "CurrentVoltage"], got.columns["Speed"], strict=True)
+                return sum(v is not None and s is not None for v, s in both)
 
-            await wait_until(lambda: bms_rows() >= 8, timeout=30)
+            await wait_until(lambda: device_rows() >= 8, timeout=30)
             stop_agent.set()
             await asyncio.wait_for(task, 15)
             got = stack.service.store.query(vin, 0, 2**62, None, 10000)
@@ -168,6 +174,7 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
         stop_agent.set()
         await gnss.stop()
         await bms.stop()
+        await controller.stop()
 
     answers = [a.state for a in bms.log if a.register == REG_BASIC_INFO and a.fault == "" and a.status == 0]
     assert answers, "the BMS emulator never answered"
@@ -193,5 +200,12 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
         checked += 1
     assert checked >= 8
     assert "ZL48V24AH-E2E001" in cols[pack + "Barcode"]
-    # The controller values still come from the synthetic stand-in, at the sample's own instant.
-    assert all(v is not None for v in cols["Speed"])
+    # Controller values are ones a status frame carried; the tampered speed limit arrives as configured.
+    sent = [parse_status(f.payload) for f in controller.log if f.type == TYPE_STATUS and f.fault == ""]
+    frames = {(st.speed_kmh, st.motor_rpm) for st in sent}
+    speeds = [(cols["Speed"][i], cols["Powertrain.ElectricMotor.Speed"][i]) for i in range(len(got.timestamps))]
+    with_controller = [sp for sp in speeds if sp[0] is not None]
+    assert len(with_controller) >= 8
+    assert all(sp in frames for sp in with_controller), set(with_controller) - frames
+    limits = {v for v in cols["Powertrain.ElectricMotor.ConfiguredSpeedLimit"] if v is not None}
+    assert limits == {45.0}

@@ -1,6 +1,6 @@
-"""A fleet of virtual vehicles: each one a GNSS emulator and a JBD BMS emulator on their own real ptys, a
-synthetic controller, and a real edge agent reading those ptys and publishing to the broker — all multiplexed on
-one event loop.
+"""A fleet of virtual vehicles: each one a GNSS receiver, a JBD BMS and a motor controller emulated on their own
+real ptys, all driven by one vehicle model, and a real edge agent reading those ptys and publishing to the broker —
+all multiplexed on one event loop.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from protocol import DeviceKey
 from simulators.bms_jbd import JbdBmsEmulator
+from simulators.controller_uart import ControllerEmulator
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
-from simulators.vehicle import SyntheticPowertrain, VehicleModel
+from simulators.vehicle import VehicleModel
 
 log = logging.getLogger("zhilian.fleet")
 
@@ -35,6 +36,7 @@ class VirtualVehicle:
     model: VehicleModel
     emulator: GnssEmulator
     bms: JbdBmsEmulator
+    controller: ControllerEmulator
     agent: EdgeAgent
 
 
@@ -63,6 +65,9 @@ async def build_vehicle(
     await emulator.start()
     bms = JbdBmsEmulator(model, cells=13, probes=2, barcode=f"ZL48V24AH-{index:06d}")
     await bms.start()
+    # Every few vehicles has had its speed limiter raised, as the hazard rules must find.
+    controller = ControllerEmulator(model, tamper_speed_limit_kmh=45.0 if index % 7 == 6 else None)
+    await controller.start()
     config = AgentConfig(
         vin=vin,
         key_file=key_file,
@@ -71,11 +76,11 @@ async def build_vehicle(
         broker_port=broker_port,
         gnss_port=emulator.port,
         bms_port=bms.port,
+        controller_port=controller.port,
         batch_interval_s=batch_interval_s,
     )
-    # The BMS speaks the real JBD protocol over its pty; the controller is still the model's stand-in.
-    agent = EdgeAgent(config, sources=[SyntheticPowertrain(model, devices=frozenset({"controller"}))])
-    return VirtualVehicle(vin, model, emulator, bms, agent)
+    agent = EdgeAgent(config)
+    return VirtualVehicle(vin, model, emulator, bms, controller, agent)
 
 
 async def run_fleet(
@@ -110,4 +115,5 @@ async def run_fleet(
         for v in fleet:
             await v.emulator.stop()
             await v.bms.stop()
+            await v.controller.stop()
     return fleet
