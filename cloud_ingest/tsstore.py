@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +43,23 @@ class TimeSeriesStore(Protocol):
     def close(self) -> None: ...
 
 
+class _ConnHolder:
+    """Owns one thread's connection; lives exactly as long as that thread's local storage."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _close_thread_conn(
+    registry: dict[int, sqlite3.Connection], lock: threading.Lock, key: int, conn: sqlite3.Connection
+) -> None:
+    with lock:
+        registry.pop(key, None)
+    conn.close()  # closing twice (after store.close()) is harmless
+
+
 def _quote(ident: str) -> str:
     return '"' + ident.replace('"', '""') + '"'
 
@@ -59,7 +77,9 @@ class SqliteTimeSeriesStore:
         self.catalogue = catalogue
         self._signals: dict[str, Signal] = {s.name: s for s in catalogue}
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        # Open connections by holder id. A holder lives in its thread's local storage, so when the thread ends
+        # (AnyIO and executor workers come and go) its finalizer closes the connection: no fd leak over uptime.
+        self._all: dict[int, sqlite3.Connection] = {}
         self._all_lock = threading.Lock()
         self._closed = False
         try:
@@ -68,9 +88,9 @@ class SqliteTimeSeriesStore:
             raise StorageError(f"cannot open time-series store {self.path}: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        holder: _ConnHolder | None = getattr(self._local, "holder", None)
+        if holder is not None:
+            return holder.conn
         if self._closed:
             raise StorageError("time-series store is closed")
         # check_same_thread=False only so close() may close every thread's connection; each connection is
@@ -78,9 +98,11 @@ class SqliteTimeSeriesStore:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        self._local.conn = conn
+        holder = _ConnHolder(conn)
+        self._local.holder = holder
         with self._all_lock:
-            self._all.append(conn)
+            self._all[id(holder)] = conn
+        weakref.finalize(holder, _close_thread_conn, self._all, self._all_lock, id(holder), conn)
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -203,7 +225,8 @@ class SqliteTimeSeriesStore:
     def close(self) -> None:
         with self._all_lock:
             self._closed = True
-            conns, self._all = self._all, []
+            conns = list(self._all.values())
+            self._all.clear()  # in place: the finalizers hold this very dict
         for conn in conns:
             conn.close()
         self._local = threading.local()

@@ -137,3 +137,23 @@ def test_closed_store_raises_storage_error(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(StorageError):
         s.latest(VIN)
+
+
+def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
+    # Web and executor worker threads come and go over a service's uptime; their connections must not pile up.
+    import gc
+    import threading
+
+    store = SqliteTimeSeriesStore(tmp_path / "t.db", CAT)
+    try:
+        for _ in range(5):
+            threads = [threading.Thread(target=store.latest, args=("LZHTEST0000000001",)) for _ in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        gc.collect()
+        assert len(store._all) <= 1  # only the opening thread's own connection remains
+        assert store.latest("LZHTEST0000000001") is None  # the store still works from this thread
+    finally:
+        store.close()
