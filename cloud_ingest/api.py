@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 JsonValue = float | int | bool | str
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_LAT = "CurrentLocation.Latitude"
-_LON = "CurrentLocation.Longitude"
 MAX_SIGNALS_PARAM = 4096
 _UNPROCESSABLE = 422  # spelled out: Starlette renamed the constant and deprecated the old name
 VinPath = Annotated[str, Path(description="vehicle identification number")]
@@ -209,12 +207,10 @@ def create_app(registry: Registry, store: TimeSeriesStore, pipeline: IngestPipel
 
     def vehicle_out(v: VehicleSummary) -> VehicleOut:
         position = None
-        latest = store.latest(v.vin)
-        if latest is not None:
-            ts, values = latest
-            lat, lon = values.get(_LAT), values.get(_LON)
-            if isinstance(lat, float | int) and isinstance(lon, float | int):
-                position = Position(lat=lat, lon=lon, ts=_dt(ts))
+        found = store.latest_position(v.vin)
+        if found is not None:
+            ts, lat, lon = found
+            position = Position(lat=lat, lon=lon, ts=_dt(ts))
         return VehicleOut(
             vin=v.vin,
             label=v.label,

@@ -38,9 +38,14 @@ class TimeSeriesStore(Protocol):
 
     def latest(self, vin: str) -> tuple[int, dict[str, Value]] | None: ...
 
+    def latest_position(self, vin: str) -> tuple[int, float, float] | None: ...
+
     def query(self, vin: str, start_ms: int, end_ms: int, signals: list[str] | None, limit: int) -> Batch: ...
 
     def close(self) -> None: ...
+
+
+POSITION_SIGNALS = ("CurrentLocation.Latitude", "CurrentLocation.Longitude")
 
 
 class _ConnHolder:
@@ -192,6 +197,27 @@ class SqliteTimeSeriesStore:
             if value is not None:
                 values[sig.name] = value
         return int(row[0]), values
+
+    def latest_position(self, vin: str) -> tuple[int, float, float] | None:
+        """(ts, lat, lon) of the newest row of `vin` that has a position.
+
+        Not simply the newest row: a vehicle in a tunnel or basement keeps sending BMS data without a fix, and
+        its last known position is what an operator needs then.
+        """
+        lat, lon = self._signals[POSITION_SIGNALS[0]].column, self._signals[POSITION_SIGNALS[1]].column
+        try:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT ts, {_quote(lat)}, {_quote(lon)} FROM telemetry WHERE vin = ? AND {_quote(lat)} IS NOT"
+                    f" NULL AND {_quote(lon)} IS NOT NULL ORDER BY ts DESC LIMIT 1",
+                    (vin,),
+                )
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"time-series read failed: {exc}") from exc
+        return None if row is None else (int(row[0]), float(row[1]), float(row[2]))
 
     def query(self, vin: str, start_ms: int, end_ms: int, signals: list[str] | None, limit: int) -> Batch:
         """Samples of `vin` with start_ms <= ts <= end_ms, oldest first, at most `limit` rows."""

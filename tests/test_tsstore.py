@@ -157,3 +157,21 @@ def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
         assert store.latest("LZHTEST0000000001") is None  # the store still works from this thread
     finally:
         store.close()
+
+
+def test_latest_position_is_the_newest_row_that_has_one(tmp_path: Path) -> None:
+    vin = "LZHTEST0000000001"
+    store = SqliteTimeSeriesStore(tmp_path / "t.db", CAT)
+    try:
+        assert store.latest_position(vin) is None
+        store.write_many(
+            [
+                (vin, Batch([1000], {"CurrentLocation.Latitude": [29.5], "CurrentLocation.Longitude": [106.5]})),
+                # Then the vehicle rides into a tunnel: BMS data keeps coming, GNSS has no fix.
+                (vin, Batch([2000, 3000], {"Powertrain.TractionBattery.StateOfCharge": [80.0, 79.9]})),
+            ]
+        )
+        assert store.latest_position(vin) == (1000, 29.5, 106.5)
+        assert store.latest(vin) == (3000, {"Powertrain.TractionBattery.StateOfCharge": 79.9})
+    finally:
+        store.close()
