@@ -16,15 +16,11 @@ Faults, for tests of the client's resilience:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 import math
-import os
 import random
 import time
-import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,13 +40,13 @@ from edge_agent.devices.jbd import (
     encode_response,
     production_date_raw,
 )
+from simulators.pty_port import PtyPort
 from simulators.vehicle import VehicleModel, VehicleState
 
 log = logging.getLogger(__name__)
 
 CELL_SPREAD_MV = 6.0  # amplitude of the per-cell deviation from the mean: a healthy, balanced pack
 PROBE_STEP_C = 0.8  # each further NTC reads this much cooler than the hottest one
-READ_CHUNK = 1024
 _PRODUCTION_DATE = dt.date(2024, 3, 18)
 
 
@@ -104,33 +100,16 @@ class JbdBmsEmulator:
         self._cycles = 40 + model.seed % 400
         self._spread = _cell_offsets(cells, model.seed)
         self._last_request_mono: float | None = None
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pty = PtyPort(on_data=self._on_data)
 
     async def start(self) -> None:
-        if self._master is not None:
+        if self._pty.is_open:
             raise RuntimeError("emulator already started")
-        master, slave = os.openpty()
-        tty.setraw(master)
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        # The slave fd stays open for our lifetime: with no slave open, the pty hangs up whenever the client
-        # closes it to reconnect.
-        self.port = os.ttyname(slave)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(master, self._on_readable)
+        self.port = self._pty.open()
         log.info("jbd bms emulator started", extra={"port": self.port})
 
     async def stop(self) -> None:
-        if self._master is not None and self._loop is not None:
-            self._loop.remove_reader(self._master)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._master = self._slave = None
+        self._pty.close()
 
     # -- what the BMS would say ---------------------------------------------------------------------------
 
@@ -174,15 +153,7 @@ class JbdBmsEmulator:
 
     # -- I/O ----------------------------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        if self._master is None:
-            return
-        try:
-            data = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            return  # no slave open right now (we hold one, so this is transient); nothing to answer
+    def _on_data(self, data: bytes) -> None:
         for request in self.decoder.feed(data):
             self._answer(request)
 
@@ -216,13 +187,7 @@ class JbdBmsEmulator:
         self.log.append(JbdAnswer(state.t, request.register, status, payload, fault, state))
 
     def _write(self, data: bytes) -> bool:
-        if self._master is None:
-            return False
-        try:
-            n = os.write(self._master, data)
-        except OSError:  # BlockingIOError included: nobody drains the pty; the client will retry
-            n = 0
-        if n < len(data):
+        if not self._pty.write(data):  # nobody drains the pty; the client will retry
             self.write_failures += 1
             return False
         return True

@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 import time
-import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +38,11 @@ from edge_agent.devices.controller import (
     build_status,
     encode_frame,
 )
+from simulators.pty_port import PtyPort
 from simulators.vehicle import CONTROLLER_MAX_CURRENT_A, IDLE_CURRENT_A, VehicleModel, VehicleState
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024
 PHASE_TO_SUPPLY = 1.6  # phase current exceeds the DC current at part duty cycle; a fixed ratio is plausible enough
 ACCEL_WINDOW_S = 0.5  # the speed change over this window decides "braking"
 BRAKE_DECEL_KMH_S = 0.5
@@ -105,25 +103,14 @@ class ControllerEmulator:
         self.port = ""
         self.decoder = ControllerRequestDecoder()
         self._rng = random.Random(model.seed)
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pty = PtyPort(on_data=self._on_data)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self._master is not None:
+        if self._pty.is_open:
             raise RuntimeError("emulator already started")
-        master, slave = os.openpty()
-        tty.setraw(master)
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        # The slave fd stays open for our lifetime: with no slave open, the pty hangs up whenever the client
-        # closes it to reconnect.
-        self.port = os.ttyname(slave)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(master, self._on_readable)
-        self._task = self._loop.create_task(self._stream(), name=f"controller-emulator:{self.port}")
+        self.port = self._pty.open()
+        self._task = asyncio.create_task(self._stream(), name=f"controller-emulator:{self.port}")
         log.info("controller emulator started", extra={"port": self.port})
 
     async def stop(self) -> None:
@@ -132,13 +119,7 @@ class ControllerEmulator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=2.0)
-        if self._master is not None and self._loop is not None:
-            self._loop.remove_reader(self._master)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._master = self._slave = None
+        self._pty.close()
 
     # -- what the controller would say --------------------------------------------------------------------
 
@@ -172,26 +153,18 @@ class ControllerEmulator:
     # -- I/O ----------------------------------------------------------------------------------------------
 
     async def _stream(self) -> None:
-        assert self._loop is not None
-        next_at = self._loop.time()
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while True:
             state = self.model.state_at(self.clock())
             self._send(TYPE_STATUS, build_status(self.status(state)), state)
             next_at += self.period_s
-            now = self._loop.time()
+            now = loop.time()
             if next_at < now:
                 next_at = now  # a stalled loop does not make up for lost frames with a burst
             await asyncio.sleep(next_at - now)
 
-    def _on_readable(self) -> None:
-        if self._master is None:
-            return
-        try:
-            data = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            return  # no slave open right now (we hold one, so this is transient); nothing to answer
+    def _on_data(self, data: bytes) -> None:
         for request in self.decoder.feed(data):
             if request.type == TYPE_READ_CONFIG:
                 self.config_reads += 1
@@ -213,13 +186,7 @@ class ControllerEmulator:
         self.log.append(ControllerSent(state.t, frame_type, payload, fault, state))
 
     def _write(self, data: bytes) -> bool:
-        if self._master is None:
-            return False
-        try:
-            n = os.write(self._master, data)
-        except OSError:  # BlockingIOError included: nobody drains the pty
-            n = 0
-        if n < len(data):
+        if not self._pty.write(data):  # nobody drains the pty
             self.write_failures += 1
             return False
         return True

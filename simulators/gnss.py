@@ -12,13 +12,12 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
-import tty
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
 from simulators.nmea import SkyModel, TruthFix, encode_epoch
+from simulators.pty_port import PtyPort
 from simulators.vehicle import VehicleModel
 
 __all__ = ["GnssEmulator", "TruthFix"]
@@ -47,23 +46,22 @@ class GnssEmulator:
         self.dropped_epochs = 0
         self.port = ""
         self._sky = SkyModel(model.seed)
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._pending = bytearray()
-        self._writer_registered = False
+        self._pty = PtyPort()  # write-only: a receiver streams and ignores what it is sent
         self._task: asyncio.Task[None] | None = None
+
+    # Tests reach into the line itself (read the slave directly, wait for a pending tail to drain).
+    @property
+    def _slave(self) -> int | None:
+        return self._pty.slave_fd
+
+    @property
+    def _pending(self) -> int:
+        return self._pty.pending
 
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("emulator already started")
-        master, slave = os.openpty()
-        tty.setraw(master)
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        # The slave fd stays open for our lifetime: with no slave open, the pty hangs up whenever the agent
-        # closes it to reconnect.
-        self.port = os.ttyname(slave)
+        self.port = self._pty.open()
         self._task = asyncio.create_task(self._run(), name=f"gnss-emulator:{self.port}")
         log.info("gnss emulator started", extra={"port": self.port, "rate_hz": self.rate_hz})
 
@@ -73,15 +71,7 @@ class GnssEmulator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=2.0)
-        if self._writer_registered and self._master is not None:
-            asyncio.get_running_loop().remove_writer(self._master)
-            self._writer_registered = False
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._master = self._slave = None
-        self._pending.clear()
+        self._pty.close()
 
     async def _run(self) -> None:
         period = 1.0 / self.rate_hz
@@ -96,43 +86,18 @@ class GnssEmulator:
             self._write_epoch(round(tick * 1000 / self.rate_hz))
 
     def _write_epoch(self, epoch_ms: int) -> None:
-        if self._master is None:
+        if not self._pty.is_open:
             return
-        if self._pending:
+        if self._pty.pending:
+            # Checked before encoding: the epoch would be dropped anyway, and encoding it is the costly part.
             self.dropped_epochs += 1
             return
         when = datetime.fromtimestamp(epoch_ms // 1000, UTC) + timedelta(milliseconds=epoch_ms % 1000)
         state = self.model.state_at(epoch_ms / 1000.0)
         encoded = encode_epoch(state, when, self._sky.at(state.t), self.talker, self.beidou_talker)
-        data = b"".join(encoded.sentences)
-        try:
-            n = os.write(self._master, data)
-        except BlockingIOError:
-            self.dropped_epochs += 1
-            return
-        except OSError as exc:
-            log.warning("gnss emulator write failed", extra={"port": self.port, "error": str(exc)})
+        # One write per epoch: the port either takes it whole (perhaps finishing it later) or drops it whole.
+        if not self._pty.write(b"".join(encoded.sentences)):
             self.dropped_epochs += 1
             return
         self.epochs_written += 1
         self.truth.append(encoded.truth)
-        if n < len(data):
-            # Finish this epoch when the pty drains rather than cutting a sentence in half. At most one epoch
-            # ever waits here: the next tick drops its epoch while this one is pending.
-            self._pending.extend(data[n:])
-            asyncio.get_running_loop().add_writer(self._master, self._drain)
-            self._writer_registered = True
-
-    def _drain(self) -> None:
-        if self._master is None:
-            return
-        try:
-            n = os.write(self._master, self._pending)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = len(self._pending)
-        del self._pending[:n]
-        if not self._pending:
-            asyncio.get_running_loop().remove_writer(self._master)
-            self._writer_registered = False
