@@ -6,9 +6,9 @@ The controller streams a status frame every ~200 ms unprompted; those are decode
 rebooted or been swapped), and every `config_poll_s`; an unanswered request (`timeout_s`) is retried after
 `CONFIG_RETRY_S` rather than a whole poll interval.
 
-pyserial opens and configures the port (raw, timeout=0); writes are non-blocking `os.write`s, so nothing blocks
-the loop. A port that vanishes (USB adapter unplugged, pty closed, read error, hang-up) is closed and reopened
-with a bounded exponential backoff until `stop()`.
+`SerialLink` owns the port: writes are non-blocking `os.write`s, so nothing blocks the loop; a port that vanishes
+(USB adapter unplugged, pty closed, read error, hang-up) is closed and reopened with a bounded exponential backoff
+until `stop()`. Each open starts one config-polling task for that connection; a loss cancels it.
 
 `read(now)` implements the agent's ValueSource protocol: status values younger than `stale_after_s`, plus the
 config values while status is fresh on the same connection; a lost port drops them all at once.
@@ -19,11 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
-
-import serial
 
 from edge_agent.devices.controller import (
     TYPE_CONFIG,
@@ -35,11 +32,11 @@ from edge_agent.devices.controller import (
     parse_config,
     parse_status,
 )
+from edge_agent.serial_link import SerialLink
 from protocol.catalogue import Catalogue, Value, load_catalogue
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024
 CONFIG_RETRY_S = 2.0  # an unanswered config read is asked again this soon (capped by config_poll_s)
 _COUNTERS = (
     "status_frames",
@@ -49,13 +46,7 @@ _COUNTERS = (
     "parse_errors",
     "unexpected_frames",
     "write_blocked",
-    "disconnects",
-    "reconnects",
 )
-
-
-class _PortLost(Exception):
-    pass
 
 
 class ControllerSource:
@@ -87,21 +78,27 @@ class ControllerSource:
         self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._status: tuple[float, dict[str, Value]] | None = None  # (wall-clock time received, signals)
         self._config: dict[str, Value] | None = None
-        self._serial: serial.Serial | None = None
-        self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # asks the current connection for config; None while none
         self._config_waiter: asyncio.Future[ControllerFrame] | None = None
-        self._wake = asyncio.Event()  # port lost, or the config is wanted again
-        self._lost = False
+        self._wake = asyncio.Event()  # the config is wanted again
         self._config_wanted = False
-        self._running = False
+        self.link = SerialLink(
+            port,
+            baudrate,
+            on_data=self._on_data,
+            on_open=self._on_open,
+            on_lost=self._on_lost,
+            retry_initial_s=retry_initial_s,
+            retry_max_s=retry_max_s,
+            name="controller",
+        )
 
     # -- public -------------------------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._fd is not None
+        return self.link.connected
 
     @property
     def counters(self) -> dict[str, int]:
@@ -109,6 +106,8 @@ class ControllerSource:
         dec = self.decoder.counters
         return {
             **self._counts,
+            "disconnects": self.link.disconnects,
+            "reconnects": self.link.reconnects,
             "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
             "bad_checksum": dec["bad_checksum"],
             "garbage_bytes": dec["garbage"],
@@ -116,20 +115,16 @@ class ControllerSource:
 
     async def start(self) -> None:
         """Start reading in the background; a port that is not there yet is retried, never raised."""
-        if self._running:
-            raise RuntimeError("source already started")
         self._loop = asyncio.get_running_loop()
-        self._running = True
-        self._task = self._loop.create_task(self._run(), name=f"controller:{self.port}")
+        await self.link.start()  # a second start raises RuntimeError here
 
     async def stop(self) -> None:
-        self._running = False
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=2.0)
-        self._close()
+        await self.link.stop()
 
     def read(self, now: float) -> dict[str, Value]:
         status = self._status
@@ -141,31 +136,21 @@ class ControllerSource:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        delay = self.retry_initial_s
-        opened_before = False
-        while self._running:
-            try:
-                self._open()
-            except (OSError, serial.SerialException) as exc:
-                log.debug("controller port unavailable", extra={"port": self.port, "error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(self.retry_max_s, delay * 2)
-                continue
-            delay = self.retry_initial_s
-            if opened_before:
-                self._counts["reconnects"] += 1
-            opened_before = True
-            try:
-                await self._config_forever()
-            except _PortLost as exc:
-                self._counts["disconnects"] += 1
-                log.warning("controller port lost", extra={"port": self.port, "error": str(exc)})
-                self._close()
-                # Whatever comes back on this port may be another controller: no values of this one may mix in.
-                self._status = None
-                self._config = None
-                await asyncio.sleep(delay)
+    def _on_open(self) -> None:
+        assert self._loop is not None
+        self._wake.clear()
+        self.decoder.discard_partial()
+        self._task = self._loop.create_task(self._config_forever(), name=f"controller:{self.port}")
+        self._task.add_done_callback(_log_failure)
+
+    def _on_lost(self, _reason: str) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            # Cancelled, not awaited: this runs in the loop's reader callback. A pending request ends with it.
+            task.cancel()
+        # Whatever comes back on this port may be another controller: no values of this one may mix in.
+        self._status = None
+        self._config = None
 
     async def _config_forever(self) -> None:
         while True:
@@ -175,24 +160,20 @@ class ControllerSource:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
-            if self._lost:
-                raise _PortLost("port lost")
 
     async def _request_config(self) -> bool:
-        """Ask for the config and wait up to `timeout_s`; True when it was answered. Raises _PortLost."""
+        """Ask for the config and wait up to `timeout_s`; True when it was answered.
+
+        A lost port cancels the task this runs in, so a lost port ends this with CancelledError.
+        """
         assert self._loop is not None
-        if self._lost or self._fd is None:
-            raise _PortLost("port lost")
         future: asyncio.Future[ControllerFrame] = self._loop.create_future()
         self._config_waiter = future
         try:
             self._counts["config_requests"] += 1
-            try:
-                os.write(self._fd, encode_config_request())
-            except BlockingIOError:
+            # A failed write has lost the port and cancelled this task: the wait below ends it at once.
+            if not self.link.write(encode_config_request()) and self.link.connected:
                 self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
-            except OSError as exc:
-                raise _PortLost(str(exc)) from None
             try:
                 await asyncio.wait_for(future, timeout=self.timeout_s)
             except TimeoutError:
@@ -239,52 +220,12 @@ class ControllerSource:
             self._config_wanted = True
             self._wake.set()
 
-    # -- port lifecycle -----------------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        assert self._loop is not None
-        # Opening a tty is a quick local syscall sequence (no wait on the device) — fine on the loop.
-        ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0)
-        self._serial = ser
-        self._fd = ser.fileno()
-        os.set_blocking(self._fd, False)
-        self._lost = False
-        self._wake.clear()
-        self.decoder.discard_partial()
-        self._loop.add_reader(self._fd, self._on_readable)
-        log.info("controller port open", extra={"port": self.port, "baudrate": self.baudrate})
-
-    def _close(self) -> None:
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        self._fd = None
-        ser, self._serial = self._serial, None
-        if ser is not None:
-            with contextlib.suppress(OSError, serial.SerialException):
-                ser.close()
-
-    def _on_readable(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            data = os.read(self._fd, READ_CHUNK)
-        except BlockingIOError:
-            return  # spurious wake-up
-        except OSError as exc:  # EIO once the other side of a pty is gone, ENXIO/ENODEV for unplugged USB
-            self._mark_lost(str(exc))
-            return
-        if not data:
-            self._mark_lost("end of file (hang-up)")
-            return
+    def _on_data(self, data: bytes) -> None:
         for frame in self.decoder.feed(data):
             self._take(frame)
 
-    def _mark_lost(self, reason: str) -> None:
-        # Stop watching the fd now (a dead fd stays readable and would spin the loop); the task closes it.
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        self._lost = True
-        self._wake.set()
-        waiter = self._config_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(_PortLost(reason))
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # The config task is never awaited while it runs; a bug in it must still leave a traceback in the log.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("controller config polling failed", exc_info=exc, extra={"task": task.get_name()})

@@ -5,9 +5,10 @@ and again after the BMS went silent for a whole poll (a swapped pack answers wit
 waits at most `timeout_s` and is retried `retries` times: a BMS that slept drops the first request after waking up,
 and a frame lost to line noise costs one retry, not a poll.
 
-pyserial opens and configures the port (raw, timeout=0); reads happen in a `loop.add_reader` callback and writes
-are 7-byte non-blocking `os.write`s, so nothing blocks the loop. A port that vanishes (USB adapter unplugged, pty
-closed, read error, hang-up) is closed and reopened with a bounded exponential backoff until `stop()`.
+`SerialLink` owns the port: reads happen in a `loop.add_reader` callback and writes are 7-byte non-blocking
+`os.write`s, so nothing blocks the loop; a port that vanishes (USB adapter unplugged, pty closed, read error,
+hang-up) is closed and reopened with a bounded exponential backoff until `stop()`. Each open starts one polling
+task for that connection; a loss cancels it.
 
 `read(now)` implements the agent's ValueSource protocol: the latest values, minus anything older than
 `stale_after_s` (5 poll intervals by default), so a dead BMS yields nothing rather than frozen numbers; a lost
@@ -19,11 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
-
-import serial
 
 from edge_agent.devices.jbd import (
     REG_BARCODE,
@@ -39,11 +37,11 @@ from edge_agent.devices.jbd import (
     parse_basic_info,
     parse_cell_voltages,
 )
+from edge_agent.serial_link import SerialLink
 from protocol.catalogue import Catalogue, Value, load_catalogue
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024
 _COUNTERS = (
     "polls",
     "requests",
@@ -55,13 +53,7 @@ _COUNTERS = (
     "parse_errors",
     "unexpected_frames",
     "write_blocked",
-    "disconnects",
-    "reconnects",
 )
-
-
-class _PortLost(Exception):
-    pass
 
 
 class JbdBmsSource:
@@ -96,19 +88,25 @@ class JbdBmsSource:
         # register -> (wall-clock time received, its signals); each answer replaces its register's whole group,
         # so a pack with fewer cells or probes than the last one leaves no orphaned per-cell values behind.
         self._groups: dict[int, tuple[float, dict[str, Value]]] = {}
-        self._serial: serial.Serial | None = None
-        self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # polls the current connection; None while there is none
         self._waiting: tuple[int, asyncio.Future[JbdFrame]] | None = None
-        self._lost = asyncio.Event()
-        self._running = False
+        self.link = SerialLink(
+            port,
+            baudrate,
+            on_data=self._on_data,
+            on_open=self._on_open,
+            on_lost=self._on_lost,
+            retry_initial_s=retry_initial_s,
+            retry_max_s=retry_max_s,
+            name="bms",
+        )
 
     # -- public -------------------------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._fd is not None
+        return self.link.connected
 
     @property
     def counters(self) -> dict[str, int]:
@@ -116,6 +114,8 @@ class JbdBmsSource:
         dec = self.decoder.counters
         return {
             **self._counts,
+            "disconnects": self.link.disconnects,
+            "reconnects": self.link.reconnects,
             "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
             "bad_checksum": dec["bad_checksum"],
             "garbage_bytes": dec["garbage"],
@@ -123,20 +123,16 @@ class JbdBmsSource:
 
     async def start(self) -> None:
         """Start polling in the background; a port that is not there yet is retried, never raised."""
-        if self._running:
-            raise RuntimeError("source already started")
         self._loop = asyncio.get_running_loop()
-        self._running = True
-        self._task = self._loop.create_task(self._run(), name=f"jbd-bms:{self.port}")
+        await self.link.start()  # a second start raises RuntimeError here
 
     async def stop(self) -> None:
-        self._running = False
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=2.0)
-        self._close()
+        await self.link.stop()
 
     def read(self, now: float) -> dict[str, Value]:
         out: dict[str, Value] = {}
@@ -147,30 +143,19 @@ class JbdBmsSource:
 
     # -- polling ------------------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        delay = self.retry_initial_s
-        opened_before = False
-        while self._running:
-            try:
-                self._open()
-            except (OSError, serial.SerialException) as exc:
-                log.debug("bms port unavailable", extra={"port": self.port, "error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(self.retry_max_s, delay * 2)
-                continue
-            delay = self.retry_initial_s
-            if opened_before:
-                self._counts["reconnects"] += 1
-            opened_before = True
-            try:
-                await self._poll_forever()
-            except _PortLost as exc:
-                self._counts["disconnects"] += 1
-                log.warning("bms port lost", extra={"port": self.port, "error": str(exc)})
-                self._close()
-                # Whatever comes back on this port may be another pack: its predecessor's values must not mix in.
-                self._groups.clear()
-                await asyncio.sleep(delay)
+    def _on_open(self) -> None:
+        assert self._loop is not None
+        self.decoder.discard_partial()
+        self._task = self._loop.create_task(self._poll_forever(), name=f"jbd-bms:{self.port}")
+        self._task.add_done_callback(_log_failure)
+
+    def _on_lost(self, _reason: str) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            # Cancelled, not awaited: this runs in the loop's reader callback. A pending request ends with it.
+            task.cancel()
+        # Whatever comes back on this port may be another pack: its predecessor's values must not mix in.
+        self._groups.clear()
 
     async def _poll_forever(self) -> None:
         assert self._loop is not None
@@ -205,10 +190,8 @@ class JbdBmsSource:
             now = self._loop.time()
             if next_poll < now:
                 next_poll = now  # a slow poll is not caught up with a burst of requests
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=next_poll - now)
-            if self._lost.is_set():
-                raise _PortLost("port lost between polls")
+            # A loss while waiting cancels this task, so a plain sleep suffices.
+            await asyncio.sleep(next_poll - now)
 
     def _take(self, register: int, frame: JbdFrame, decode: Callable[[bytes], dict[str, Value]]) -> None:
         if not frame.ok:
@@ -227,12 +210,13 @@ class JbdBmsSource:
             self._groups[REG_BARCODE] = (now, self._groups[REG_BARCODE][1])
 
     async def _request(self, register: int) -> JbdFrame | None:
-        """The BMS's answer to a read of `register`, or None after `retries` retries. Raises _PortLost."""
+        """The BMS's answer to a read of `register`, or None after `retries` retries.
+
+        A lost port cancels the polling task, so a lost port ends this with CancelledError, never with None.
+        """
         assert self._loop is not None
         request = encode_read_request(register)
         for attempt in range(1 + self.retries):
-            if self._lost.is_set() or self._fd is None:
-                raise _PortLost("port lost")
             if attempt:
                 self._counts["retries"] += 1
             # Strict request/response: whatever is buffered now belongs to an exchange that is already over.
@@ -241,12 +225,9 @@ class JbdBmsSource:
             self._waiting = (register, future)
             try:
                 self._counts["requests"] += 1
-                try:
-                    os.write(self._fd, request)
-                except BlockingIOError:
+                # A failed write has lost the port and cancelled this task: the wait below ends it at once.
+                if not self.link.write(request) and self.link.connected:
                     self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
-                except OSError as exc:
-                    raise _PortLost(str(exc)) from None
                 try:
                     frame = await asyncio.wait_for(future, timeout=self.timeout_s)
                 except TimeoutError:
@@ -259,42 +240,7 @@ class JbdBmsSource:
         self._counts["failed_requests"] += 1
         return None
 
-    # -- port lifecycle -----------------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        assert self._loop is not None
-        # Opening a tty is a quick local syscall sequence (no wait on the device) — fine on the loop.
-        ser = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0)
-        self._serial = ser
-        self._fd = ser.fileno()
-        os.set_blocking(self._fd, False)
-        self._lost.clear()
-        self.decoder.discard_partial()
-        self._loop.add_reader(self._fd, self._on_readable)
-        log.info("bms port open", extra={"port": self.port, "baudrate": self.baudrate})
-
-    def _close(self) -> None:
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        self._fd = None
-        ser, self._serial = self._serial, None
-        if ser is not None:
-            with contextlib.suppress(OSError, serial.SerialException):
-                ser.close()
-
-    def _on_readable(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            data = os.read(self._fd, READ_CHUNK)
-        except BlockingIOError:
-            return  # spurious wake-up
-        except OSError as exc:  # EIO once the other side of a pty is gone, ENXIO/ENODEV for unplugged USB
-            self._mark_lost(str(exc))
-            return
-        if not data:
-            self._mark_lost("end of file (hang-up)")
-            return
+    def _on_data(self, data: bytes) -> None:
         for frame in self.decoder.feed(data):
             waiting = self._waiting
             if waiting is not None and waiting[0] == frame.register and not waiting[1].done():
@@ -302,11 +248,8 @@ class JbdBmsSource:
             else:
                 self._counts["unexpected_frames"] += 1  # a late answer to a request already given up on
 
-    def _mark_lost(self, reason: str) -> None:
-        # Stop watching the fd now (a dead fd stays readable and would spin the loop); the poll task closes it.
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        self._lost.set()
-        waiting = self._waiting
-        if waiting is not None and not waiting[1].done():
-            waiting[1].set_exception(_PortLost(reason))
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # The polling task is never awaited while it runs; a bug in it must still leave a traceback in the log.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("bms polling failed", exc_info=exc, extra={"task": task.get_name()})
