@@ -32,7 +32,7 @@ from edge_agent.devices.controller import (
     parse_config,
     parse_status,
 )
-from edge_agent.serial_link import SerialLink
+from edge_agent.devices.serial_source import SerialDeviceSource
 from protocol.catalogue import Catalogue, Value, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ _COUNTERS = (
 )
 
 
-class ControllerSource:
+class ControllerSource(SerialDeviceSource):
     def __init__(
         self,
         port: str,
@@ -65,66 +65,28 @@ class ControllerSource:
     ) -> None:
         if config_poll_s <= 0 or timeout_s <= 0 or stale_after_s <= 0:
             raise ValueError("config_poll_s, timeout_s and stale_after_s must be positive")
-        self.port = port
-        self.baudrate = baudrate
-        self.config_poll_s = config_poll_s
-        self.timeout_s = timeout_s
-        self.stale_after_s = stale_after_s
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
-        self.catalogue = catalogue or load_catalogue()
-        self.clock = clock
-        self.decoder = ControllerFrameDecoder()
-        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._status: tuple[float, dict[str, Value]] | None = None  # (wall-clock time received, signals)
-        self._config: dict[str, Value] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None  # asks the current connection for config; None while none
-        self._config_waiter: asyncio.Future[ControllerFrame] | None = None
-        self._wake = asyncio.Event()  # the config is wanted again
-        self._config_wanted = False
-        self.link = SerialLink(
+        super().__init__(
             port,
             baudrate,
-            on_data=self._on_data,
-            on_open=self._on_open,
-            on_lost=self._on_lost,
+            ControllerFrameDecoder(),
+            _COUNTERS,
             retry_initial_s=retry_initial_s,
             retry_max_s=retry_max_s,
             name="controller",
         )
+        self.decoder: ControllerFrameDecoder
+        self.config_poll_s = config_poll_s
+        self.timeout_s = timeout_s
+        self.stale_after_s = stale_after_s
+        self.catalogue = catalogue or load_catalogue()
+        self.clock = clock
+        self._status: tuple[float, dict[str, Value]] | None = None  # (wall-clock time received, signals)
+        self._config: dict[str, Value] | None = None
+        self._config_waiter: asyncio.Future[ControllerFrame] | None = None
+        self._wake = asyncio.Event()  # the config is wanted again
+        self._config_wanted = False
 
     # -- public -------------------------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self.link.connected
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Own counters plus the decoder's line-quality ones; bad_frames = checksum or framing failures."""
-        dec = self.decoder.counters
-        return {
-            **self._counts,
-            "disconnects": self.link.disconnects,
-            "reconnects": self.link.reconnects,
-            "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
-            "bad_checksum": dec["bad_checksum"],
-            "garbage_bytes": dec["garbage"],
-        }
-
-    async def start(self) -> None:
-        """Start reading in the background; a port that is not there yet is retried, never raised."""
-        self._loop = asyncio.get_running_loop()
-        await self.link.start()  # a second start raises RuntimeError here
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=2.0)
-        await self.link.stop()
 
     def read(self, now: float) -> dict[str, Value]:
         status = self._status
@@ -137,22 +99,16 @@ class ControllerSource:
     # -- connection ---------------------------------------------------------------------------------------
 
     def _on_open(self) -> None:
-        assert self._loop is not None
         self._wake.clear()
-        self.decoder.discard_partial()
-        self._task = self._loop.create_task(self._config_forever(), name=f"controller:{self.port}")
-        self._task.add_done_callback(_log_failure)
+        super()._on_open()
 
-    def _on_lost(self, _reason: str) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            # Cancelled, not awaited: this runs in the loop's reader callback. A pending request ends with it.
-            task.cancel()
+    def _forget(self) -> None:
         # Whatever comes back on this port may be another controller: no values of this one may mix in.
         self._status = None
         self._config = None
 
-    async def _config_forever(self) -> None:
+    async def _per_connection(self) -> None:
+        """Asks the connected controller for its config, again on wake-ups and every `config_poll_s`."""
         while True:
             self._config_wanted = False
             answered = await self._request_config()
@@ -223,9 +179,3 @@ class ControllerSource:
     def _on_data(self, data: bytes) -> None:
         for frame in self.decoder.feed(data):
             self._take(frame)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    # The config task is never awaited while it runs; a bug in it must still leave a traceback in the log.
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("controller config polling failed", exc_info=exc, extra={"task": task.get_name()})

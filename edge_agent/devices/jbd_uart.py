@@ -18,7 +18,6 @@ port drops them at once, since whatever answers on it next may be another pack.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from edge_agent.devices.jbd import (
     parse_basic_info,
     parse_cell_voltages,
 )
-from edge_agent.serial_link import SerialLink
+from edge_agent.devices.serial_source import SerialDeviceSource
 from protocol.catalogue import Catalogue, Value, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ _COUNTERS = (
 )
 
 
-class JbdBmsSource:
+class JbdBmsSource(SerialDeviceSource):
     def __init__(
         self,
         port: str,
@@ -73,66 +72,28 @@ class JbdBmsSource:
     ) -> None:
         if poll_interval_s <= 0 or timeout_s <= 0 or retries < 0:
             raise ValueError("poll_interval_s and timeout_s must be positive, retries non-negative")
-        self.port = port
-        self.baudrate = baudrate
-        self.poll_interval_s = poll_interval_s
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.stale_after_s = 5 * poll_interval_s if stale_after_s is None else stale_after_s
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
-        self.catalogue = catalogue or load_catalogue()
-        self.clock = clock
-        self.decoder = JbdFrameDecoder()
-        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        # register -> (wall-clock time received, its signals); each answer replaces its register's whole group,
-        # so a pack with fewer cells or probes than the last one leaves no orphaned per-cell values behind.
-        self._groups: dict[int, tuple[float, dict[str, Value]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None  # polls the current connection; None while there is none
-        self._waiting: tuple[int, asyncio.Future[JbdFrame]] | None = None
-        self.link = SerialLink(
+        super().__init__(
             port,
             baudrate,
-            on_data=self._on_data,
-            on_open=self._on_open,
-            on_lost=self._on_lost,
+            JbdFrameDecoder(),
+            _COUNTERS,
             retry_initial_s=retry_initial_s,
             retry_max_s=retry_max_s,
             name="bms",
         )
+        self.decoder: JbdFrameDecoder
+        self.poll_interval_s = poll_interval_s
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.stale_after_s = 5 * poll_interval_s if stale_after_s is None else stale_after_s
+        self.catalogue = catalogue or load_catalogue()
+        self.clock = clock
+        # register -> (wall-clock time received, its signals); each answer replaces its register's whole group,
+        # so a pack with fewer cells or probes than the last one leaves no orphaned per-cell values behind.
+        self._groups: dict[int, tuple[float, dict[str, Value]]] = {}
+        self._waiting: tuple[int, asyncio.Future[JbdFrame]] | None = None
 
     # -- public -------------------------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        return self.link.connected
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Own counters plus the decoder's line-quality ones; bad_frames = checksum or framing failures."""
-        dec = self.decoder.counters
-        return {
-            **self._counts,
-            "disconnects": self.link.disconnects,
-            "reconnects": self.link.reconnects,
-            "bad_frames": dec["bad_checksum"] + dec["bad_framing"],
-            "bad_checksum": dec["bad_checksum"],
-            "garbage_bytes": dec["garbage"],
-        }
-
-    async def start(self) -> None:
-        """Start polling in the background; a port that is not there yet is retried, never raised."""
-        self._loop = asyncio.get_running_loop()
-        await self.link.start()  # a second start raises RuntimeError here
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=2.0)
-        await self.link.stop()
 
     def read(self, now: float) -> dict[str, Value]:
         out: dict[str, Value] = {}
@@ -143,21 +104,12 @@ class JbdBmsSource:
 
     # -- polling ------------------------------------------------------------------------------------------
 
-    def _on_open(self) -> None:
-        assert self._loop is not None
-        self.decoder.discard_partial()
-        self._task = self._loop.create_task(self._poll_forever(), name=f"jbd-bms:{self.port}")
-        self._task.add_done_callback(_log_failure)
-
-    def _on_lost(self, _reason: str) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            # Cancelled, not awaited: this runs in the loop's reader callback. A pending request ends with it.
-            task.cancel()
+    def _forget(self) -> None:
         # Whatever comes back on this port may be another pack: its predecessor's values must not mix in.
         self._groups.clear()
 
-    async def _poll_forever(self) -> None:
+    async def _per_connection(self) -> None:
+        """Polls the connected BMS: the barcode once, then basic info and cell voltages every poll interval."""
         assert self._loop is not None
         need_barcode = True  # once per connection: the pack behind the port may be another one now
         self._groups.pop(REG_BARCODE, None)
@@ -247,9 +199,3 @@ class JbdBmsSource:
                 waiting[1].set_result(frame)
             else:
                 self._counts["unexpected_frames"] += 1  # a late answer to a request already given up on
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    # The polling task is never awaited while it runs; a bug in it must still leave a traceback in the log.
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("bms polling failed", exc_info=exc, extra={"task": task.get_name()})
