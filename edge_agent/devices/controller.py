@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from edge_agent.devices.framing import BAD_CHECKSUM, BAD_FRAMING, FrameScanner
 from protocol.catalogue import Catalogue, SignalType, Value, load_catalogue
 
 START: Final = 0x3A  # ':'
@@ -48,10 +49,6 @@ FAULT_BITS: Final[dict[int, str]] = {
     7: "motor over-temperature",
     8: "communication",
 }
-
-_BAD_FRAMING: Final = -1
-_BAD_CHECKSUM: Final = -2
-_DECODER_COUNTERS = ("bytes", "frames", "garbage", "bad_checksum", "bad_framing", "unexpected")
 
 
 class ControllerError(Exception):
@@ -89,86 +86,30 @@ class ControllerFrame:
     payload: bytes
 
 
-class _FrameScanner:
-    """Finds checksummed 3A ... 0D 0A frames in a byte stream; both directions share this shape.
+class _FrameScanner(FrameScanner[ControllerFrame]):
+    """Checksummed 3A ... 0D 0A frames, both directions (scanning and resync: `edge_agent.devices.framing`)."""
 
-    After `feed` the buffer only holds the start of one candidate frame, so it stays below `MAX_FRAME` bytes. A
-    candidate that waits for more bytes is abandoned as soon as a complete valid frame starts later in the buffer.
-    """
+    start_byte = START
 
-    def __init__(self) -> None:
-        self.counters: dict[str, int] = dict.fromkeys(_DECODER_COUNTERS, 0)
-        self._buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def discard_partial(self) -> None:
-        """Forget a buffered partial frame, e.g. after the port was lost."""
-        self.counters["garbage"] += len(self._buf)
-        self._buf.clear()
-
-    def _scan(self, data: bytes) -> list[ControllerFrame]:
-        self.counters["bytes"] += len(data)
-        buf = self._buf
-        buf.extend(data)
-        found: list[ControllerFrame] = []
-        pos = 0
-        n = len(buf)
-        while pos < n:
-            start = buf.find(START, pos)
-            if start < 0:
-                self.counters["garbage"] += n - pos
-                pos = n
-                break
-            self.counters["garbage"] += start - pos
-            pos = start
-            verdict = self._check(pos)
-            if verdict > 0:
-                found.append(ControllerFrame(type=buf[pos + 1], payload=bytes(buf[pos + 3 : pos + verdict - 3])))
-                self.counters["frames"] += 1
-                pos += verdict
-            elif verdict < 0:
-                self.counters["bad_checksum" if verdict == _BAD_CHECKSUM else "bad_framing"] += 1
-                self.counters["garbage"] += 1
-                pos += 1  # that 0x3A was not a frame start; what follows may hold one
-            else:
-                later = self._next_valid_start(pos + 1)
-                if later is None:
-                    break  # wait for the rest of the candidate
-                self.counters["garbage"] += later - pos
-                pos = later
-        del buf[:pos]
-        return found
-
-    def _check(self, pos: int) -> int:
+    def _check(self, buf: bytearray, pos: int) -> int:
         """Size of the valid frame at `pos`; 0 if incomplete; a negative code if it cannot be one."""
-        buf = self._buf
         avail = len(buf) - pos
         if avail < 3:
             return 0
         length = buf[pos + 2]
         if length > MAX_PAYLOAD:
-            return _BAD_FRAMING
+            return BAD_FRAMING
         size = FRAME_OVERHEAD + length
         if avail < size:
             return 0
         if buf[pos + size - 2 : pos + size] != END:
-            return _BAD_FRAMING
+            return BAD_FRAMING
         if buf[pos + size - 3] != checksum(buf[pos + 1 : pos + size - 3]):
-            return _BAD_CHECKSUM
+            return BAD_CHECKSUM
         return size
 
-    def _next_valid_start(self, pos: int) -> int | None:
-        buf = self._buf
-        while True:
-            pos = buf.find(START, pos)
-            if pos < 0:
-                return None
-            if self._check(pos) > 0:
-                return pos
-            pos += 1
+    def _frame(self, buf: bytearray, pos: int, size: int) -> ControllerFrame:
+        return ControllerFrame(type=buf[pos + 1], payload=bytes(buf[pos + 3 : pos + size - 3]))
 
 
 class ControllerFrameDecoder(_FrameScanner):

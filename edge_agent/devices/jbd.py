@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from edge_agent.devices.framing import BAD_CHECKSUM, BAD_FRAMING, FrameScanner
 from protocol.catalogue import Catalogue, SignalType, Value, load_catalogue
 
 START: Final = 0xDD
@@ -39,10 +40,6 @@ DECIKELVIN_AT_0C: Final = 2731  # JBD's own offset: 0.1 K units with 0 °C = 273
 _PREFIX = "Powertrain.TractionBattery."
 CATALOGUE_CELLS: Final = 24  # per-cell signals the catalogue names (CellVoltage.Cell1..Cell24)
 CATALOGUE_PROBES: Final = 8  # per-probe signals the catalogue names (Temperature.Probe1..Probe8)
-
-_BAD_FRAMING: Final = -1  # _FrameScanner._check verdicts below zero
-_BAD_CHECKSUM: Final = -2
-_DECODER_COUNTERS = ("bytes", "frames", "garbage", "bad_checksum", "bad_framing", "unexpected")
 
 
 class JbdError(Exception):
@@ -99,64 +96,13 @@ class JbdRequest:
     payload: bytes
 
 
-class _FrameScanner:
-    """Finds checksummed DD ... 77 frames in a byte stream; both directions share this shape.
+class _FrameScanner(FrameScanner[tuple[int, int, bytes]]):
+    """Checksummed DD ... 77 frames, both directions (scanning and resync: `edge_agent.devices.framing`)."""
 
-    The buffer only ever holds the start of one candidate frame, so it stays below `MAX_FRAME` bytes. A candidate
-    that waits for more bytes is abandoned as soon as a complete valid frame starts later in the buffer: a 0xDD in
-    line noise followed by a large "length" must not swallow the real answer behind it.
-    """
+    start_byte = START
 
-    def __init__(self) -> None:
-        self.counters: dict[str, int] = dict.fromkeys(_DECODER_COUNTERS, 0)
-        self._buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def discard_partial(self) -> None:
-        """Forget a buffered partial frame, e.g. before a new request or after the port was lost."""
-        self.counters["garbage"] += len(self._buf)
-        self._buf.clear()
-
-    def _scan(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        self.counters["bytes"] += len(data)
-        buf = self._buf
-        buf.extend(data)
-        found: list[tuple[int, int, bytes]] = []
-        pos = 0
-        n = len(buf)
-        while pos < n:
-            start = buf.find(START, pos)
-            if start < 0:
-                self.counters["garbage"] += n - pos
-                pos = n
-                break
-            self.counters["garbage"] += start - pos
-            pos = start
-            verdict = self._check(pos)
-            if verdict > 0:
-                size = verdict
-                found.append((buf[pos + 1], buf[pos + 2], bytes(buf[pos + 4 : pos + size - 3])))
-                self.counters["frames"] += 1
-                pos += size
-            elif verdict < 0:
-                self.counters["bad_checksum" if verdict == _BAD_CHECKSUM else "bad_framing"] += 1
-                self.counters["garbage"] += 1
-                pos += 1  # the 0xDD was not a frame start; what follows may hold one
-            else:
-                later = self._next_valid_start(pos + 1)
-                if later is None:
-                    break  # wait for the rest of the candidate
-                self.counters["garbage"] += later - pos
-                pos = later
-        del buf[:pos]
-        return found
-
-    def _check(self, pos: int) -> int:
+    def _check(self, buf: bytearray, pos: int) -> int:
         """Size of the valid frame at `pos`; 0 if incomplete; a negative code if it cannot be one."""
-        buf = self._buf
         avail = len(buf) - pos
         if avail < 4:
             return 0
@@ -164,20 +110,13 @@ class _FrameScanner:
         if avail < size:
             return 0
         if buf[pos + size - 1] != END:
-            return _BAD_FRAMING
+            return BAD_FRAMING
         if int.from_bytes(buf[pos + size - 3 : pos + size - 1], "big") != checksum(buf[pos + 2 : pos + size - 3]):
-            return _BAD_CHECKSUM
+            return BAD_CHECKSUM
         return size
 
-    def _next_valid_start(self, pos: int) -> int | None:
-        buf = self._buf
-        while True:
-            pos = buf.find(START, pos)
-            if pos < 0:
-                return None
-            if self._check(pos) > 0:
-                return pos
-            pos += 1
+    def _frame(self, buf: bytearray, pos: int, size: int) -> tuple[int, int, bytes]:
+        return buf[pos + 1], buf[pos + 2], bytes(buf[pos + 4 : pos + size - 3])
 
 
 class JbdFrameDecoder(_FrameScanner):
