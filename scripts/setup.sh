@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine lacks to run Zhilian's demo and tests:
 #   - Mosquitto (Debian package `mosquitto`): the demo and the tests spawn private brokers on free ports;
+#   - InfluxDB 1.x (Debian package `influxdb`): the tests spawn private `influxd` servers on free ports;
 #   - uv, then the locked Python dependencies (uv.lock) into .venv.
 # Idempotent: does nothing that is already done.
 set -euo pipefail
@@ -14,8 +15,11 @@ apt_install() {
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    apt_install mosquitto
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || missing+=(influxdb)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
 fi
 
 export PATH="$HOME/.local/bin:$PATH"
