@@ -4,6 +4,9 @@
 closed and reopened with a bounded backoff until `stop()` when it vanishes — USB receiver unplugged, pty master
 closed, read error or a hang-up's empty read. The decoder keeps its counters across reconnects, and its half-line
 is dropped since the bytes that would complete it are gone.
+
+The baud rate is one a GNSS module can be set to (firmware_specs/NMEA_PROFILE.md); 9600 is what most leave the
+factory with.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from collections.abc import Callable
 from edge_agent.nmea import GnssFix, NmeaDecoder
 from edge_agent.serial_link import SerialLink
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("zhilian.gnss")
+
+# NMEA 0183's own 4800 and the rates u-blox, Quectel, Unicore and CASIC modules can be configured to.
+SUPPORTED_BAUDRATES = (4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 
 
 class GnssReader:
@@ -27,6 +33,8 @@ class GnssReader:
         retry_initial_s: float = 1.0,
         retry_max_s: float = 10.0,
     ) -> None:
+        if baudrate not in SUPPORTED_BAUDRATES:
+            raise ValueError(f"GNSS baud rate {baudrate} is not one of {SUPPORTED_BAUDRATES}")
         self.port = port
         self.baudrate = baudrate
         self.on_fix = on_fix

@@ -3,7 +3,8 @@
 The agent opens `emulator.port` with pyserial as it would /dev/ttyS2. Requests are decoded with the agent's own
 sans-I/O codec (edge_agent.devices.jbd) and answered at once from `model.state_at(clock())`: pack voltage,
 current, SOC and temperature come from the model; cell voltages are derived so they sum to the pack voltage
-(to the millivolt) with a small per-cell spread fixed by the model's seed.
+(to the millivolt) with a small per-cell spread fixed by the model's seed. Cell count, probe count, capacity and
+barcode default to the model's vehicle variant (13S 24 Ah for the e-bike, 20S 40 Ah for the 72 V motorcycle).
 
 Faults, for tests of the client's resilience:
   sleep_after_s       the BMS dozes off after this much silence and drops the request that wakes it (also the
@@ -66,11 +67,11 @@ class JbdBmsEmulator:
     def __init__(
         self,
         model: VehicleModel,
-        cells: int = 13,
-        probes: int = 2,
-        barcode: str = "ZL48V24AH-000001",
+        cells: int | None = None,
+        probes: int | None = None,
+        barcode: str | None = None,
         *,
-        nominal_ah: float = 24.0,
+        nominal_ah: float | None = None,
         sleep_after_s: float | None = None,
         noise: int = 0,
         bad_checksum_every: int = 0,
@@ -78,13 +79,16 @@ class JbdBmsEmulator:
         clock: Callable[[], float] = time.time,
         log_maxlen: int = 1000,
     ) -> None:
+        variant = model.variant
+        cells = variant.cells_in_series if cells is None else cells
+        probes = variant.temperature_probes if probes is None else probes
         if not 1 <= cells <= 32 or not 0 <= probes <= 8:
             raise ValueError("cells must be in 1..32 and probes in 0..8")
         self.model = model
         self.cells = cells
         self.probes = probes
-        self.barcode = barcode
-        self.nominal_ah = nominal_ah
+        self.barcode = f"{variant.barcode_prefix}-{model.seed % 1_000_000:06d}" if barcode is None else barcode
+        self.nominal_ah = variant.nominal_ah if nominal_ah is None else nominal_ah
         self.sleep_after_s = sleep_after_s
         self.noise = noise
         self.bad_checksum_every = bad_checksum_every

@@ -5,7 +5,8 @@ sans-I/O codec (edge_agent.devices.controller). Every `period_s` a status frame 
 wheel speed and temperatures come straight from the state; motor rpm is the wheel's rpm for the configured wheel
 size (a hub motor turns with the wheel); the battery-side current is the pack's discharge current and the phase
 current a fixed multiple of it; the brake is on while the model decelerates, the throttle open in proportion to
-the current while it is driven. Config reads are answered at once.
+the current while it is driven. Config reads are answered at once. Speed limit, wheel size, pole pairs and the
+current that means full throttle default to the model's vehicle variant.
 
 Faults, for tests of the client's resilience:
   noise                  up to this many random bytes of line noise before each frame;
@@ -39,7 +40,7 @@ from edge_agent.devices.controller import (
     encode_frame,
 )
 from simulators.pty_port import PtyPort
-from simulators.vehicle import CONTROLLER_MAX_CURRENT_A, IDLE_CURRENT_A, VehicleModel, VehicleState
+from simulators.vehicle import VehicleModel, VehicleState
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,9 @@ class ControllerEmulator:
         self,
         model: VehicleModel,
         *,
-        speed_limit_kmh: float = 25.0,
-        wheel_inch: float = 16.0,
-        pole_pairs: int = 23,
+        speed_limit_kmh: float | None = None,
+        wheel_inch: float | None = None,
+        pole_pairs: int | None = None,
         firmware: str = "ZL-C1.4.2",
         assist_level: int = 3,
         faults: int = 0,
@@ -80,12 +81,16 @@ class ControllerEmulator:
         clock: Callable[[], float] = time.time,
         log_maxlen: int = 1000,
     ) -> None:
+        variant = model.variant
+        wheel_inch = variant.wheel_inch if wheel_inch is None else wheel_inch
         if period_s <= 0 or wheel_inch <= 0:
             raise ValueError("period_s and wheel_inch must be positive")
         self.model = model
-        self.speed_limit_kmh = speed_limit_kmh
+        self.speed_limit_kmh = variant.speed_limit_kmh if speed_limit_kmh is None else speed_limit_kmh
         self.wheel_inch = wheel_inch
-        self.pole_pairs = pole_pairs
+        self.pole_pairs = variant.pole_pairs if pole_pairs is None else pole_pairs
+        self.max_current_a = variant.controller_max_current_a
+        self.idle_current_a = variant.idle_current_a
         self.firmware = firmware
         self.assist_level = assist_level
         self.faults = faults
@@ -128,13 +133,13 @@ class ControllerEmulator:
         accel_kmh_s = (state.speed_kmh - earlier.speed_kmh) / ACCEL_WINDOW_S
         supply_a = -state.pack_current_a  # the pack's discharge current is what the controller draws
         braking = accel_kmh_s < -BRAKE_DECEL_KMH_S
-        driving = not braking and supply_a > IDLE_CURRENT_A + 0.2
-        throttle = min(100, round(100 * supply_a / CONTROLLER_MAX_CURRENT_A)) if driving else 0
+        driving = not braking and supply_a > self.idle_current_a + 0.2
+        throttle = min(100, round(100 * supply_a / self.max_current_a)) if driving else 0
         wheel_rpm = state.speed_kmh / 3.6 / (math.pi * self.wheel_inch * INCH_M) * 60.0
         return ControllerStatus(
             speed_kmh=state.speed_kmh,
             motor_rpm=round(wheel_rpm),
-            phase_current_a=PHASE_TO_SUPPLY * (supply_a - IDLE_CURRENT_A),
+            phase_current_a=PHASE_TO_SUPPLY * (supply_a - self.idle_current_a),
             supply_current_a=supply_a,
             controller_temp_c=state.controller_temp_c,
             motor_temp_c=state.motor_temp_c if self.motor_sensor else None,

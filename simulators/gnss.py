@@ -4,6 +4,10 @@ Every 1/rate seconds, on the wall-clock grid (as receivers align epochs to whole
 sentences for the vehicle's state at that instant is written to the pty master. The master is non-blocking: when
 no one reads and the pty buffer fills, whole epochs are dropped and counted — never half a sentence, and never a
 blocked event loop. `truth` keeps what each written epoch says, for tests to hold the agent's output against.
+
+What the receiver writes is a `simulators.nmea.Receiver`, given as such or by its name in `RECEIVERS`
+("gn-multi", "bd-only", "quectel-pq", ...); without one, `talker`/`beidou_talker` pick the original GN (GPS +
+BeiDou) or BeiDou-only receiver.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
-from simulators.nmea import SkyModel, TruthFix, encode_epoch
+from simulators.nmea import RECEIVERS, Receiver, SkyModel, TruthFix, encode_epoch, legacy_receiver
 from simulators.pty_port import PtyPort
 from simulators.vehicle import VehicleModel
 
@@ -33,14 +37,19 @@ class GnssEmulator:
         talker: str = "GN",
         *,
         beidou_talker: str = "GB",
+        receiver: Receiver | str | None = None,
         truth_maxlen: int = 3600,
     ) -> None:
         if not 0.0 < rate_hz <= 20.0:
             raise ValueError("rate_hz must be in (0, 20]")
+        if isinstance(receiver, str):
+            if receiver not in RECEIVERS:
+                raise ValueError(f"unknown receiver {receiver!r}; known: {', '.join(sorted(RECEIVERS))}")
+            receiver = RECEIVERS[receiver]
+        self.receiver = receiver if receiver is not None else legacy_receiver(talker, beidou_talker)
         self.model = model
         self.rate_hz = rate_hz
-        self.talker = talker
-        self.beidou_talker = beidou_talker
+        self.talker = self.receiver.talker
         self.truth: deque[TruthFix] = deque(maxlen=truth_maxlen)
         self.epochs_written = 0
         self.dropped_epochs = 0
@@ -94,7 +103,7 @@ class GnssEmulator:
             return
         when = datetime.fromtimestamp(epoch_ms // 1000, UTC) + timedelta(milliseconds=epoch_ms % 1000)
         state = self.model.state_at(epoch_ms / 1000.0)
-        encoded = encode_epoch(state, when, self._sky.at(state.t), self.talker, self.beidou_talker)
+        encoded = encode_epoch(state, when, self._sky.at(state.t), receiver=self.receiver)
         # One write per epoch: the port either takes it whole (perhaps finishing it later) or drops it whole.
         if not self._pty.write(b"".join(encoded.sentences)):
             self.dropped_epochs += 1

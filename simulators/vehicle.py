@@ -1,4 +1,4 @@
-"""One virtual e-bike: a deterministic, seeded state model that every emulator of that vehicle reads.
+"""One virtual e-bike or e-motorcycle: a deterministic, seeded state model that every emulator of it reads.
 
 `VehicleModel.state_at(t)` is a pure function of `t` (random access, no stepping), so the GNSS emulator, the
 BMS and controller emulators and the tests all see the same vehicle without sharing mutable state, and a test can
@@ -8,6 +8,11 @@ The ride is a repeating cycle of legs — accelerate, cruise, brake, wait at a l
 Speed is therefore piecewise linear in time and distance piecewise quadratic, both closed-form. Temperatures
 depend on the recent load, which is approximated by the mean speed over the last two minutes: two distance
 lookups instead of integrating a thermal model.
+
+A `Variant` holds what differs between vehicle kinds — pack (cells in series, capacity, resistance), controller
+current, wheel, speed range and limiter, mass and drag — and the device emulators take their cell count, limits
+and configuration from the model's variant: "ebike48" (13S NMC "48 V", 16-inch wheel, the default) and
+"emoto72" (20S NMC "72 V", 17-inch wheel, 60 km/h limiter).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from protocol.catalogue import Catalogue, SignalType, load_catalogue
 from simulators.route import Route
 
+# The e-bike ("ebike48") values, kept as module constants for callers that predate variants.
 WHEEL_CIRCUMFERENCE_M = 1.35  # 16-inch e-bike tyre; the hub motor turns with the wheel, so motor rpm = wheel rpm
 MAX_SPEED_KMH = 45.0
 CELLS_IN_SERIES = 13  # the common "48 V" pack: 13s li-ion, 41.6 V empty .. 54.6 V full
@@ -28,17 +34,103 @@ MAX_PACK_VOLTAGE_V = 4.2 * CELLS_IN_SERIES
 PACK_RESISTANCE_OHM = 0.12
 CONTROLLER_MAX_CURRENT_A = 30.0
 IDLE_CURRENT_A = 0.3  # lights, controller and the telematics board itself
+CELL_FULL_V = 4.2
 SWAP_AT_SOC_PCT = 10.0  # riders swap batteries at a cabinet rather than run flat; keeps endless rides bounded
 SWAPPED_SOC_PCT = 95.0
 THERMAL_WINDOW_S = 120.0
 
-_MASS_KG = 125.0  # bike + rider + cargo
 _G = 9.81
-_CRR = 0.012
-_CDA_M2 = 0.6
 _AIR_DENSITY = 1.2
-_DRIVE_EFFICIENCY = 0.8
-_REGEN_FRACTION = 0.25  # mild regen ("EABS") on e-bike hub controllers, only while braking
+_INCH_M = 0.0254
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """What differs between vehicle kinds. Ranges are (low, high) drawn per vehicle from its seed."""
+
+    name: str
+    cells_in_series: int
+    nominal_ah: float
+    temperature_probes: int
+    barcode_prefix: str
+    pack_resistance_ohm: float
+    controller_max_current_a: float
+    idle_current_a: float
+    wheel_inch: float  # as configured in the controller
+    wheel_circumference_m: float  # the model's: motor rpm = wheel rpm (hub motor)
+    pole_pairs: int
+    speed_limit_kmh: float  # configured in the controller
+    max_speed_kmh: float  # the model never reports more
+    cruise_kmh: tuple[float, float]
+    accel_ms2: tuple[float, float]
+    decel_ms2: tuple[float, float]
+    soc_per_km: tuple[float, float]  # % of the pack per km
+    mass_kg: float  # vehicle + rider + cargo
+    crr: float
+    cda_m2: float
+    drive_efficiency: float
+    regen_fraction: float  # share of braking power recovered (only while braking)
+
+    @property
+    def max_pack_voltage_v(self) -> float:
+        return CELL_FULL_V * self.cells_in_series
+
+
+VARIANTS: dict[str, Variant] = {
+    # The common Chinese "48 V" e-bike: 13S NMC 24 Ah (1.15 kWh), 30 A controller, 16-inch hub-motor wheel.
+    # Riders in Chongqing ride faster than the 25 km/h the controller is configured for; the model keeps
+    # the speeds it always had (limiters are routinely bypassed, which the hazard rules look for).
+    "ebike48": Variant(
+        name="ebike48",
+        cells_in_series=CELLS_IN_SERIES,
+        nominal_ah=24.0,
+        temperature_probes=2,
+        barcode_prefix="ZL48V24AH",
+        pack_resistance_ohm=PACK_RESISTANCE_OHM,
+        controller_max_current_a=CONTROLLER_MAX_CURRENT_A,
+        idle_current_a=IDLE_CURRENT_A,
+        wheel_inch=16.0,
+        wheel_circumference_m=WHEEL_CIRCUMFERENCE_M,
+        pole_pairs=23,
+        speed_limit_kmh=25.0,
+        max_speed_kmh=MAX_SPEED_KMH,
+        cruise_kmh=(18.0, 42.0),
+        accel_ms2=(0.9, 1.6),
+        decel_ms2=(1.4, 2.4),
+        soc_per_km=(1.0, 1.3),  # ≈ 12-15 Wh/km from a 1.15 kWh pack
+        mass_kg=125.0,
+        crr=0.012,
+        cda_m2=0.6,
+        drive_efficiency=0.8,
+        regen_fraction=0.25,  # mild regen ("EABS") on e-bike hub controllers
+    ),
+    # A "72 V" electric motorcycle: 20S NMC 40 Ah (2.9 kWh, 66-84 V), 80 A controller, 17-inch wheel with a
+    # hub motor, 60 km/h limiter, heavier and draggier than the e-bike.
+    "emoto72": Variant(
+        name="emoto72",
+        cells_in_series=20,
+        nominal_ah=40.0,
+        temperature_probes=4,
+        barcode_prefix="ZL72V40AH",
+        pack_resistance_ohm=0.10,
+        controller_max_current_a=80.0,
+        idle_current_a=0.6,
+        wheel_inch=17.0,
+        wheel_circumference_m=math.pi * 17.0 * _INCH_M,
+        pole_pairs=16,
+        speed_limit_kmh=60.0,
+        max_speed_kmh=60.0,
+        cruise_kmh=(28.0, 58.0),
+        accel_ms2=(1.2, 2.2),
+        decel_ms2=(1.8, 3.0),
+        soc_per_km=(1.2, 1.6),  # ≈ 35-46 Wh/km from a 2.9 kWh pack
+        mass_kg=190.0,
+        crr=0.014,
+        cda_m2=0.75,
+        drive_efficiency=0.85,
+        regen_fraction=0.3,
+    ),
+}
 
 # Open-circuit voltage of one li-ion cell against state of charge (%), piecewise linear.
 _OCV_CURVE: tuple[tuple[float, float], ...] = (
@@ -109,13 +201,13 @@ class _Leg:
         return s + 0.5 * self.v * self.t_decel, 0.0, 0.0
 
 
-def _draw_legs(rng: random.Random, count: int) -> list[_Leg]:
+def _draw_legs(rng: random.Random, count: int, variant: Variant) -> list[_Leg]:
     legs: list[_Leg] = []
     t = s = 0.0
     for _ in range(count):
-        v = rng.uniform(18.0, 42.0) / 3.6
-        accel = rng.uniform(0.9, 1.6)
-        decel = rng.uniform(1.4, 2.4)
+        v = rng.uniform(*variant.cruise_kmh) / 3.6
+        accel = rng.uniform(*variant.accel_ms2)
+        decel = rng.uniform(*variant.decel_ms2)
         # One stop in five is a rolling slow-down rather than a red light; modelled as a zero-length wait.
         t_stop = 0.0 if rng.random() < 0.2 else rng.uniform(12.0, 75.0)
         leg = _Leg(
@@ -144,21 +236,29 @@ def _cell_ocv(soc_pct: float) -> float:
 
 
 class VehicleModel:
-    """The ground truth of one vehicle riding `route` from `start_time` (unix seconds), drawn from `seed`."""
+    """The ground truth of one vehicle riding `route` from `start_time` (unix seconds), drawn from `seed`.
+
+    `variant` names an entry of `VARIANTS` (or is a `Variant`); the default e-bike is what the model always was.
+    """
 
     LEGS_PER_CYCLE = 32
 
-    def __init__(self, route: Route, seed: int, start_time: float) -> None:
+    def __init__(self, route: Route, seed: int, start_time: float, variant: str | Variant = "ebike48") -> None:
+        if isinstance(variant, str):
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown vehicle variant {variant!r}; known: {', '.join(sorted(VARIANTS))}")
+            variant = VARIANTS[variant]
+        self.variant = variant
         self.route = route
         self.seed = seed
         self.start_time = start_time
         rng = random.Random(seed)
-        self._legs = _draw_legs(rng, self.LEGS_PER_CYCLE)
+        self._legs = _draw_legs(rng, self.LEGS_PER_CYCLE, variant)
         self._leg_starts = [leg.t0 for leg in self._legs]
         self._cycle_s = self._legs[-1].t0 + self._legs[-1].duration
         self._cycle_m = self._legs[-1].s0 + self._legs[-1].distance
         self._start_soc = rng.uniform(55.0, SWAPPED_SOC_PCT)
-        self._soc_per_km = rng.uniform(1.0, 1.3)  # ≈ 12-15 Wh/km from a 1.15 kWh pack
+        self._soc_per_km = rng.uniform(*variant.soc_per_km)
         self._soh = rng.uniform(86.0, 99.5)
         self._ambient_c = rng.uniform(12.0, 34.0)
         self._catalogue = load_catalogue()
@@ -187,24 +287,27 @@ class VehicleModel:
         warm = 1.0 - math.exp(-max(0.0, elapsed) / 900.0)
         warm_slow = 1.0 - math.exp(-max(0.0, elapsed) / 2400.0)
 
+        vt = self.variant
         soc = self._soc(s)
-        ocv = _cell_ocv(soc) * CELLS_IN_SERIES
-        p_mech = (_MASS_KG * a + _MASS_KG * _G * (_CRR + point.grade) + 0.5 * _AIR_DENSITY * _CDA_M2 * v * v) * v
+        ocv = _cell_ocv(soc) * vt.cells_in_series
+        m = vt.mass_kg
+        p_mech = (m * a + m * _G * (vt.crr + point.grade) + 0.5 * _AIR_DENSITY * vt.cda_m2 * v * v) * v
         if p_mech >= 0.0:
-            p_elec = p_mech / _DRIVE_EFFICIENCY
+            p_elec = p_mech / vt.drive_efficiency
         elif a < 0.0:
-            p_elec = p_mech * _REGEN_FRACTION
+            p_elec = p_mech * vt.regen_fraction
         else:
             p_elec = 0.0  # rolling downhill the rider shuts the throttle and rides the brakes: no regen
         # Discharge current I (A, positive out of the pack) solves P = (OCV - R·I)·I; take the small root.
-        disc = max(0.0, ocv * ocv - 4.0 * PACK_RESISTANCE_OHM * p_elec)
-        i_out = (ocv - math.sqrt(disc)) / (2.0 * PACK_RESISTANCE_OHM) + IDLE_CURRENT_A
-        i_out = max(-CONTROLLER_MAX_CURRENT_A / 3, min(CONTROLLER_MAX_CURRENT_A, i_out))
+        r = vt.pack_resistance_ohm
+        disc = max(0.0, ocv * ocv - 4.0 * r * p_elec)
+        i_out = (ocv - math.sqrt(disc)) / (2.0 * r) + vt.idle_current_a
+        i_out = max(-vt.controller_max_current_a / 3, min(vt.controller_max_current_a, i_out))
         # The BMS caps regen so the terminal voltage never exceeds the full-charge voltage.
-        i_out = max(i_out, -max(0.0, MAX_PACK_VOLTAGE_V - ocv) / PACK_RESISTANCE_OHM)
-        voltage = ocv - PACK_RESISTANCE_OHM * i_out
+        i_out = max(i_out, -max(0.0, vt.max_pack_voltage_v - ocv) / r)
+        voltage = ocv - r * i_out
 
-        speed_kmh = min(MAX_SPEED_KMH, v * 3.6)
+        speed_kmh = min(vt.max_speed_kmh, v * 3.6)
         return VehicleState(
             t=t,
             lat=point.lat,
@@ -212,7 +315,7 @@ class VehicleModel:
             altitude_m=point.alt_m,
             heading_deg=point.heading_deg,
             speed_kmh=speed_kmh,
-            motor_rpm=round(v / WHEEL_CIRCUMFERENCE_M * 60.0),
+            motor_rpm=round(v / vt.wheel_circumference_m * 60.0),
             motor_temp_c=self._ambient_c + warm * (6.0 + 1.1 * load_kmh),
             controller_temp_c=self._ambient_c + warm * (3.0 + 0.6 * load_kmh),
             soc_pct=soc,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.gnss import GnssReader
-from edge_agent.nmea import GnssFix, NmeaDecoder
+from edge_agent.nmea import CONSTELLATIONS, GnssFix, NmeaDecoder
 from protocol.catalogue import load_catalogue
 from simulators.gnss import GnssEmulator
 from simulators.route import YUZHONG_LOOP, bearing_deg, haversine_m, route_for
@@ -69,6 +69,48 @@ def test_reader_delivers_what_the_emulator_wrote() -> None:
     assert emulator.dropped_epochs == 0
 
 
+@pytest.mark.parametrize("receiver", ["gn-multi", "quectel-pq", "bd-only"])
+def test_reader_delivers_what_a_named_receiver_wrote(receiver: str) -> None:
+    async def run() -> tuple[list[GnssFix], GnssEmulator, GnssReader]:
+        model = VehicleModel(route_for(6), seed=6, start_time=time.time() - 900)
+        emulator = GnssEmulator(model, rate_hz=10.0, receiver=receiver)
+        await emulator.start()
+        fixes: list[GnssFix] = []
+        reader = GnssReader(emulator.port, 115200, on_fix=fixes.append)
+        await reader.start()
+        try:
+            await _wait_for(lambda: len(fixes) >= 4, 5.0)
+        finally:
+            await reader.stop()
+            await emulator.stop()
+        return fixes, emulator, reader
+
+    fixes, emulator, reader = asyncio.run(run())
+    truths = list(emulator.truth)
+    by_time = {t.time_ms: i for i, t in enumerate(truths)}
+    systems = {attr: system for attr, _, system in CONSTELLATIONS}
+    checked = 0
+    # The sky sentences follow the position, so a fix carries the previous epoch's sky; the first fix's may be
+    # one the reader caught only the end of.
+    for fix in fixes[1:]:
+        assert fix.time_ms is not None
+        i = by_time[fix.time_ms]
+        truth, sky = truths[i], truths[i - 1]
+        assert fix.mode == 3 and fix.quality == truth.quality
+        assert fix.lat == pytest.approx(truth.lat, abs=1e-9) and fix.speed_kmh == pytest.approx(truth.speed_kmh)
+        assert fix.used is not None and fix.in_view is not None
+        for attr, system in systems.items():
+            assert getattr(fix.used, attr) == sky.used.get(system, 0), attr
+            assert getattr(fix.in_view, attr) == sky.in_view.get(system, 0), attr
+        assert (fix.pdop, fix.vdop, fix.beidou_in_use) == (sky.pdop, sky.vdop, sky.beidou_in_use)
+        checked += 1
+    assert checked >= 2
+    counters = reader.decoder.counters
+    assert counters["unsupported"] == counters["malformed"] == counters["bad_checksum"] == 0
+    with pytest.raises(ValueError, match="unknown receiver"):
+        GnssEmulator(emulator.model, receiver="no-such-receiver")
+
+
 def test_reader_reopens_a_port_that_vanished(tmp_path: Path) -> None:
     # The agent opens a stable name (as udev's /dev/gnss0 symlink would be); the pty behind it goes and comes back.
     link = tmp_path / "gnss0"
@@ -99,6 +141,14 @@ def test_reader_reopens_a_port_that_vanished(tmp_path: Path) -> None:
     reader = asyncio.run(run())
     assert reader.disconnects >= 1
     assert reader.reconnects == 1
+
+
+def test_reader_takes_only_baud_rates_gnss_modules_speak(tmp_path: Path) -> None:
+    for baud in (4800, 9600, 115200):
+        assert GnssReader(str(tmp_path / "gnss0"), baud).baudrate == baud
+    for baud in (0, 1200, 14400, 100_000):
+        with pytest.raises(ValueError, match="baud rate"):
+            GnssReader(str(tmp_path / "gnss0"), baud)
 
 
 def test_reader_start_tolerates_a_missing_port(tmp_path: Path) -> None:

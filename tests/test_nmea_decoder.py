@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.nmea import MAX_LINE, GnssFix, NmeaDecoder
+from edge_agent.nmea import MAX_LINE, ConstellationCounts, GnssFix, NmeaDecoder
 from protocol.catalogue import load_catalogue
 from simulators.nmea import SkyModel, TruthFix, encode_epoch, sentence
 from simulators.route import route_for
@@ -151,9 +151,12 @@ def test_garbage_is_counted_and_sentences_around_it_survive() -> None:
 
 def test_unsupported_sentences_are_counted() -> None:
     dec = NmeaDecoder()
-    dec.feed(sentence("PSRFEPE,053229.438,V,,,,,") + sentence("GNVTG,,T,,M,0.040,N,0.075,K,D"))
-    dec.feed(sentence("QZGSV,1,1,01,193,45,120,40"))
+    dec.feed(sentence("PSRFEPE,053229.438,V,,,,,") + sentence("GNGLL,4916.45,N,12311.12,W,225444,A"))
+    dec.feed(sentence("GIGSV,1,1,01,05,45,120,40,5"))  # NavIC: a talker outside the profile
     assert dec.counters["unsupported"] == 3
+    # VTG and the QZSS talkers are in the profile (firmware_specs/NMEA_PROFILE.md).
+    dec.feed(sentence("GNVTG,,T,,M,0.040,N,0.075,K,D") + sentence("QZGSV,1,1,01,193,45,120,40"))
+    assert dec.counters["unsupported"] == 3 and dec.counters["sentences"] == 2
     assert dec.counters["garbage"] == 0
 
 
@@ -222,7 +225,22 @@ def test_nmea_like_noise_never_raises(chunks: list[str]) -> None:
 def test_valid_checksums_around_nonsense_fields_never_raise(fields: list[str]) -> None:
     body = ",".join(fields)
     dec = NmeaDecoder()
-    for kind in ("GNRMC", "GPGGA", "GNGNS", "GBGSA", "GNGSA", "GPGSV", "GNZDA"):
+    for kind in (
+        "GNRMC",
+        "GPGGA",
+        "GNGNS",
+        "GBGSA",
+        "GNGSA",
+        "GPGSV",
+        "GNZDA",
+        "GNVTG",
+        "BDGSV",
+        "GLGSV",
+        "GAGSA",
+        "PQGSA",
+        "PQGSV",
+        "GQGSV",
+    ):
         dec.feed(sentence(f"{kind},{body}"))
     dec.flush()
 
@@ -286,6 +304,13 @@ _NO_RECORDINGS = not RECORDINGS.is_dir() and os.environ.get("CI") != "true"
         ("meinberg-gps164", False),  # RMC only
         ("et-332", False),  # escape sequences and text lines spliced in
         ("ublox-8", False),  # binary noise, a sentence without checksum
+        ("quectel-eg25-g-2", True),  # Quectel PQGSA/PQGSV: BeiDou under the PQ talker, GNS besides GGA
+        ("telit-pls83-w", True),  # GA talker RMC/GGA/VTG besides GP ones; BeiDou as 208+ under system id 4
+        ("unicore-um621", True),  # GB GSV, NMEA 4.10 GSA system ids, loses and regains its fix
+        ("skytraq-fixB", True),  # BDGSA beside GPGSA, GP position sentences
+        ("furuno_gl_ga", False),  # GA/GL GSV with signal ids, ZDA under GP
+        ("sirfstarv-nmea", False),  # GL GGA besides GP GGA in one epoch
+        ("nmea-rtk", False),  # GGA quality 2 and 4
     ],
 )
 def test_real_recordings_agree_with_gpsd(name: str, has_beidou: bool) -> None:
@@ -312,3 +337,85 @@ def test_real_recordings_agree_with_gpsd(name: str, has_beidou: bool) -> None:
     assert len(set(ours) - set(gpsd)) <= 2
     assert dec.counters["fixes"] == len(fixes)
     assert any(f.beidou_in_use for f in fixes) is has_beidou
+
+
+# gpsd's SKY report: gnssid -> our ConstellationCounts field (SBAS, IMES and NavIC are in no catalogue count).
+_GPSD_GNSS = {0: "gps", 2: "galileo", 3: "beidou", 5: "qzss", 6: "glonass"}
+
+
+def _gpsd_skies(path: Path) -> tuple[list[str], dict[str, tuple[ConstellationCounts, ConstellationCounts]]]:
+    """gpsd's satellites in view and used per constellation, as of the last SKY report of each cycle.
+
+    A cycle is the span of TPV reports with one time; gpsd adds each GSV group's satellites to the cycle's SKY,
+    so its last SKY with a satellite list is the cycle's whole sky. Satellites seen on several signals count once.
+    """
+    order: list[str] = []
+    skies: dict[str, tuple[ConstellationCounts, ConstellationCounts]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        obj = json.loads(line)
+        if obj.get("class") == "TPV" and "time" in obj and (not order or order[-1] != obj["time"]):
+            order.append(str(obj["time"]))
+        elif obj.get("class") == "SKY" and "satellites" in obj and order:
+            seen: dict[str, set[int]] = {k: set() for k in _GPSD_GNSS.values()}
+            used: dict[str, set[int]] = {k: set() for k in _GPSD_GNSS.values()}
+            for sat in obj["satellites"]:
+                system = _GPSD_GNSS.get(sat.get("gnssid"))
+                if system is not None:
+                    seen[system].add(sat["svid"])
+                    if sat.get("used"):
+                        used[system].add(sat["svid"])
+            skies[order[-1]] = (
+                ConstellationCounts(**{k: len(v) for k, v in seen.items()}),
+                ConstellationCounts(**{k: len(v) for k, v in used.items()}),
+            )
+    return order, skies
+
+
+@pytest.mark.skipif(_NO_RECORDINGS, reason=f"receiver recordings (shared/testdata/nmea) not found at {RECORDINGS}")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "beidou-gb",  # BeiDou as 201+ in GN GSA, GB GSV
+        "skytraq-fixB",  # BDGSA + BDGSV
+        "ublox-neo-m9n-nmea",  # NMEA 4.10 system ids, GP/GL/GA/GB GSV with signal ids, SBAS under GP
+        "unicore-um621",  # four systems, GSV per signal
+        "st-teseo-liv4f",  # NMEA 4.11, BeiDou GSA per signal
+        "quectel-l76k-nmea",  # BD GSV, 5 Hz
+        "quectel-eg25-g-2",  # PQGSA/PQGSV with system ids
+        "telit-pls83-w",  # BeiDou as 208+ under system id 4
+        "furuno_gl_ga",  # GA GSV with signal id
+        "ericsson-gru04-02-70sec",  # GN GSA without system id (GPS + GLONASS by PRN range)
+        "haicom-305N",  # GPS only, SiRF order
+    ],
+)
+def test_per_constellation_counts_agree_with_gpsd_sky(name: str) -> None:
+    data = (RECORDINGS / f"{name}.nmea").read_bytes()
+    order, skies = _gpsd_skies(RECORDINGS / f"{name}.gpsd.json")
+    dec = NmeaDecoder()
+    fixes = dec.feed(data) + dec.flush()
+    compared: list[str] = []
+    in_view_differs: list[str] = []
+    for fix in fixes:
+        if fix.time_ms is None or fix.in_view is None or fix.used is None or _iso(fix.time_ms) not in order:
+            continue
+        i = order.index(_iso(fix.time_ms))
+        # Ours is this cycle's sky or, when the sky sentences follow the position (u-blox order), the last one's.
+        candidates = [skies[t] for t in order[max(0, i - 1) : i + 1] if t in skies]
+        if not candidates:
+            continue
+        compared.append(_iso(fix.time_ms))
+        if all(sky[0] != fix.in_view for sky in candidates):
+            in_view_differs.append(compared[-1])
+        # gpsd keeps a satellite marked used from an earlier GSA of the cycle, so it may count one more.
+        worst = min(
+            max(abs(getattr(fix.used, attr) - getattr(sky[1], attr)) for attr in _GPSD_GNSS.values())
+            for sky in candidates
+        )
+        assert worst <= 1, (name, _iso(fix.time_ms), fix.used, [sky[1] for sky in candidates])
+    assert compared
+    # The one permitted difference: the first epoch compared, whose previous cycle gpsd has only partly seen
+    # (the recording starts mid-burst).
+    assert in_view_differs in ([], compared[:1]), (name, in_view_differs)

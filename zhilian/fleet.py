@@ -30,6 +30,11 @@ def demo_vin(index: int) -> str:
     return f"LZHDEMO{index:010d}"
 
 
+def fleet_variant(index: int) -> str:
+    """Every fourth vehicle of a fleet is a 72 V e-motorcycle, the rest 48 V e-bikes (deterministic by index)."""
+    return "emoto72" if index % 4 == 3 else "ebike48"
+
+
 @dataclass
 class VirtualVehicle:
     vin: str
@@ -60,13 +65,15 @@ async def build_vehicle(
     key_file = vdir / "device.key"
     if not key_file.exists():
         DeviceKey.generate().save(key_file)
-    model = VehicleModel(route_for(index), seed=index, start_time=time.time())
+    model = VehicleModel(route_for(index), seed=index, start_time=time.time(), variant=fleet_variant(index))
     emulator = GnssEmulator(model, rate_hz=gnss_rate_hz, talker="GN" if index % 3 else "GB")
     await emulator.start()
-    bms = JbdBmsEmulator(model, cells=13, probes=2, barcode=f"ZL48V24AH-{index:06d}")
+    # Cell count, probes and capacity follow the variant (13S e-bike, 20S e-motorcycle).
+    bms = JbdBmsEmulator(model, barcode=f"{model.variant.barcode_prefix}-{index:06d}")
     await bms.start()
     # Every few vehicles has had its speed limiter raised, as the hazard rules must find.
-    controller = ControllerEmulator(model, tamper_speed_limit_kmh=45.0 if index % 7 == 6 else None)
+    raised = model.variant.speed_limit_kmh + 20.0  # 45 km/h on a 25 km/h e-bike
+    controller = ControllerEmulator(model, tamper_speed_limit_kmh=raised if index % 7 == 6 else None)
     await controller.start()
     config = AgentConfig(
         vin=vin,
