@@ -6,8 +6,9 @@ committed and fsynced, so power loss or kill -9 loses nothing that was spooled.
 Life of a row
   put    the flusher stores the encoded columnar batch (`protocol.encode_batch`): kind, created_ms, n_samples, body,
          and whether the publisher knew the broker to be unreachable at that moment (`offline`).
-  next   the publisher takes the first row in send order: alerts (priority 0) in id order, then telemetry
-         (priority 1) in id order. The AUTOINCREMENT id is never reused, so order survives deletes and restarts.
+  next   the publisher takes the first row in send order: alerts and command acks (priority 0) in id order,
+         then telemetry (priority 1) in id order; acks count as alerts for eviction too. The AUTOINCREMENT id is
+         never reused, so order survives deletes and restarts.
   seal   at FIRST send, not at batch time, the publisher signs the body into an envelope with this boot's next
          sequence number and stores those exact bytes with their (boot, seq) before publishing. Every retry —
          after a reconnect, or after a kill -9 and restart in a later boot — republishes the very same bytes, so
@@ -71,7 +72,8 @@ class SpoolRowTooLarge(SpoolError):
 
 
 def priority_of(kind: Kind) -> int:
-    return PRIO_ALERT if kind is Kind.ALERT else PRIO_TELEMETRY
+    # Command acks travel with alerts: small, rare, and the operator is waiting for them.
+    return PRIO_ALERT if kind in (Kind.ALERT, Kind.COMMAND_ACK) else PRIO_TELEMETRY
 
 
 @dataclass(frozen=True, slots=True)

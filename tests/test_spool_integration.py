@@ -80,6 +80,12 @@ def _logged_batches(log_path: Path) -> dict[int, SpooledBatch]:
     return out
 
 
+def _count_lines(log_path: Path, msg: str) -> int:
+    if not log_path.exists():
+        return 0
+    return log_path.read_text(encoding="utf-8", errors="replace").count(f'"msg": "{msg}"')
+
+
 def test_kill_9_loses_and_duplicates_nothing_that_was_spooled(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     asyncio.run(_kill_scenario(tmp_path, mosquitto))
 
@@ -116,11 +122,14 @@ async def _kill_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
             found_after_kill = 0
             for life in range(KILLS):
                 # Publishing takes milliseconds, so a random kill rarely finds a row in the spool. Lives 5..9 cannot
-                # reach the broker: they pile rows up that later boots must deliver; living ≥ 1 s (start-up takes
-                # ~0.7 s), each spools something.
+                # reach the broker: they pile rows up that later boots must deliver. The random moment is counted
+                # from the GNSS port opening, not from the spawn: interpreter start-up varies with the machine's
+                # load, and a kill during imports tests nothing.
                 offline = life in range(5, 10)
+                opened = _count_lines(log_path, "gnss port open")
                 proc = await spawn(nobody if offline else broker.port)
-                await asyncio.sleep(rng.uniform(1.0, 1.5) if offline else rng.uniform(0.2, 1.5))
+                await wait_until(lambda n=opened: _count_lines(log_path, "gnss port open") > n, timeout=30)
+                await asyncio.sleep(rng.uniform(0.6, 1.0) if offline else rng.uniform(0.0, 1.0))
                 proc.kill()
                 assert await proc.wait() == -signal.SIGKILL, f"agent died on its own; see {log_path}"
                 left = _read_spool(state / SPOOL_FILE)
@@ -214,6 +223,11 @@ async def _subscriber(broker: MosquittoProcess, vin: str, key: DeviceKey) -> Asy
             await task
 
 
+class _UpperBound(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
 def test_broker_outage_is_bridged_by_the_spool_with_backfill(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
     asyncio.run(_outage_scenario(tmp_path, mosquitto))
 
@@ -234,6 +248,9 @@ async def _outage_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
         ),
         key=key,
     )
+    # Reconnect delays are drawn with full jitter; this scenario needs them at their upper bound (0.5, 1, 2 s)
+    # so that the restarted broker has our subscriber back before the agent's backlog arrives.
+    agent._rng = _UpperBound()
     stop = asyncio.Event()
     restarted = MosquittoProcess(broker.workdir, port=broker.port)  # the same port, as after a broker reboot
     try:
