@@ -5,6 +5,10 @@ Maximum we announce, so the broker can never push more than fits: backpressure, 
 drains up to `max_batch` messages, runs the synchronous pipeline in a thread (one durable commit for the lot),
 then PUBACKs each.  If the store fails nothing is acknowledged and the same batch is retried; the broker also
 redelivers unacknowledged messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
+
+With a control plane (`control`, cloud_ingest.commands.CommandService) the bridge also subscribes to ev/+/status and
+ev/+/cmd/ack — those messages go to `control.ingest_control_many` instead of the pipeline, acknowledged the same
+way — and publishes the command outbox to ev/{vin}/cmd while connected (broker_bridge/commands.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from broker_bridge.commands import CommandOutbox, CommandPublisher
 from broker_bridge.paho_loop import PahoOnAsyncio
 from protocol.errors import TopicError
 from protocol.tls import optional_client_context
@@ -32,11 +37,20 @@ log = logging.getLogger("zhilian.bridge")
 
 
 class IngestResultLike(Protocol):
-    outcome: str
-    reason: str | None
+    # Read-only, so frozen dataclasses (the pipeline's and the control plane's results) conform.
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def reason(self) -> str | None: ...
 
 
 IngestMany = Callable[[Sequence[tuple[str | None, bytes]]], Sequence[IngestResultLike]]
+_CONTROL_CHANNELS = frozenset({Channel.STATUS, Channel.CMD_ACK})
+
+
+class ControlPlane(CommandOutbox, Protocol):
+    def ingest_control_many(self, items: Sequence[tuple[str | None, Channel, bytes]]) -> Sequence[IngestResultLike]: ...
 
 
 @dataclass(slots=True)
@@ -46,6 +60,7 @@ class _Inbound:
     qos: int
     claimed_vin: str | None
     payload: bytes
+    channel: Channel = Channel.TELEMETRY
 
 
 @dataclass(slots=True)
@@ -74,11 +89,14 @@ class MqttBridge:
         tls_ca: Path | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         # Built once (a bad TLS file fails construction with TlsConfigError); the certificate's CN, normally
         # "zhilian-bridge", is the identity the broker's ACL grants read on every vehicle's uplink.
         self._tls = optional_client_context(tls_ca, tls_cert, tls_key)
         self._ingest_many = ingest_many
+        self._control = control
+        self.commands = CommandPublisher(control) if control is not None else None
         self.host, self.port = host, port
         self.client_id = client_id
         self.share_group = share_group
@@ -104,6 +122,8 @@ class MqttBridge:
 
     def _topics(self) -> list[str]:
         filters = [subscription(Channel.TELEMETRY), subscription(Channel.ALERT)]
+        if self._control is not None:
+            filters += [subscription(Channel.STATUS), subscription(Channel.CMD_ACK)]
         if self.share_group:
             filters = [f"$share/{self.share_group}/{f}" for f in filters]
         return filters
@@ -121,7 +141,7 @@ class MqttBridge:
         self.stats.received += 1
         self._m_received.inc()
         try:
-            claimed_vin, _ = parse_topic(msg.topic)
+            claimed_vin, channel = parse_topic(msg.topic)
         except TopicError as exc:
             # Cannot come from a well-behaved device (the ACL confines it to ev/{vin}/); count, log, drop.
             self.stats.bad_topic += 1
@@ -129,7 +149,7 @@ class MqttBridge:
             log.warning("message on malformed topic dropped", extra={"topic": msg.topic[:200], "error": str(exc)})
             self._ack(msg.mid, msg.qos, self._generation)
             return
-        item = _Inbound(self._generation, msg.mid, msg.qos, claimed_vin, bytes(msg.payload))
+        item = _Inbound(self._generation, msg.mid, msg.qos, claimed_vin, bytes(msg.payload), channel)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -163,7 +183,7 @@ class MqttBridge:
         backoff = 0.2
         while True:
             try:
-                results = await asyncio.to_thread(self._ingest_many, [(i.claimed_vin, i.payload) for i in items])
+                results = await asyncio.to_thread(self._ingest, items)
                 break
             except Exception as exc:
                 self.stats.store_failures += 1
@@ -181,6 +201,23 @@ class MqttBridge:
             key = res.outcome if res.reason is None or res.outcome == "duplicate" else f"{res.outcome}:{res.reason}"
             self.stats.outcomes[key] = self.stats.outcomes.get(key, 0) + 1
             self._ack(item.mid, item.qos, item.generation)
+
+    def _ingest(self, items: list[_Inbound]) -> list[IngestResultLike]:
+        """Telemetry and alerts to the pipeline, status and acks to the control plane; results in item order."""
+        control = [i for i, item in enumerate(items) if item.channel in _CONTROL_CHANNELS]
+        if not control or self._control is None:
+            return list(self._ingest_many([(i.claimed_vin, i.payload) for i in items]))
+        taken = set(control)
+        uplink = [i for i in range(len(items)) if i not in taken]
+        by_index: dict[int, IngestResultLike] = {}
+        if uplink:
+            stored = self._ingest_many([(items[i].claimed_vin, items[i].payload) for i in uplink])
+            by_index.update(zip(uplink, stored, strict=True))
+        answers = self._control.ingest_control_many(
+            [(items[i].claimed_vin, items[i].channel, items[i].payload) for i in control]
+        )
+        by_index.update(zip(control, answers, strict=True))
+        return [by_index[i] for i in range(len(items))]
 
     # --- connection -------------------------------------------------------------------------------------------
 
@@ -207,6 +244,8 @@ class MqttBridge:
                 client.on_connect = self._on_connect
                 client.on_subscribe = self._on_subscribe
                 client.on_message = self._on_message
+                if self.commands is not None:
+                    client.on_publish = self.commands.on_publish
                 adapter = PahoOnAsyncio(client, loop)
                 props = Properties(PacketTypes.CONNECT)
                 props.ReceiveMaximum = self.receive_maximum
@@ -221,12 +260,21 @@ class MqttBridge:
                     backoff = 0.5
                     log.info("bridge connected", extra={"host": self.host, "port": self.port})
                     stop_wait = asyncio.ensure_future(stop.wait())
+                    waits: set[asyncio.Future[Any]] = {adapter.disconnected, stop_wait, worker}
+                    publisher = None
+                    if self.commands is not None:
+                        publisher = asyncio.create_task(self.commands.run(client, stop), name="bridge-commands")
+                        waits.add(publisher)
                     try:
-                        await asyncio.wait(
-                            {adapter.disconnected, stop_wait, worker}, return_when=asyncio.FIRST_COMPLETED
-                        )
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         stop_wait.cancel()
+                        if publisher is not None:
+                            publisher.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await publisher
+                    if publisher is not None and publisher.done() and not publisher.cancelled():
+                        raise RuntimeError("bridge command publisher died") from publisher.exception()
                     if adapter.disconnected.done():
                         log.warning(
                             "bridge lost broker connection", extra={"error": repr(adapter.disconnected.result())}

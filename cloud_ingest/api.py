@@ -19,10 +19,13 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
+from cloud_ingest.commands import CommandService
 from cloud_ingest.db import Role
 from cloud_ingest.errors import DeviceConflict, InvalidDeviceError, QueryError, StorageError, UnknownSignalError
 from cloud_ingest.pipeline import IngestPipeline
 from cloud_ingest.registry import PUBLIC_KEY_LEN, Registry, VehicleSummary
+from cloud_ingest.routes_commands import commands_router
+from cloud_ingest.routes_keys import keys_router
 from cloud_ingest.tsstore import MAX_QUERY_LIMIT, TimeSeriesStore
 from protocol import Catalogue
 from protocol.errors import TopicError
@@ -134,7 +137,8 @@ class ApiKeyOut(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    status: str = Field(default="ok", description="ok, or degraded while a backing store is unreachable")
+    down: dict[str, str] | None = Field(default=None, description="unreachable components (degraded only)")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -154,7 +158,13 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api k
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <api key>")
 
 
-def create_app(registry: Registry, store: TimeSeriesStore, pipeline: IngestPipeline, catalogue: Catalogue) -> FastAPI:
+def create_app(
+    registry: Registry,
+    store: TimeSeriesStore,
+    pipeline: IngestPipeline,
+    catalogue: Catalogue,
+    commands: CommandService | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="Zhilian cloud ingest",
         version="0.1.0",
@@ -198,6 +208,9 @@ def create_app(registry: Registry, store: TimeSeriesStore, pipeline: IngestPipel
 
     admin = [Depends(require(Role.ADMIN))]
     viewer = [Depends(require(Role.VIEWER))]
+    app.include_router(keys_router(registry, require))
+    if commands is not None:
+        app.include_router(commands_router(commands, require))
 
     def known_vin(vin: str) -> VehicleSummary:
         summary = registry.vehicle_summary(vin) if VIN_RE.match(vin) else None
@@ -221,8 +234,28 @@ def create_app(registry: Registry, store: TimeSeriesStore, pipeline: IngestPipel
             position=position,
         )
 
-    @app.get("/healthz", response_model=Health, tags=["ops"])
-    def healthz() -> Health:
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        response_model_exclude_none=True,
+        tags=["ops"],
+        responses={503: {"model": Health, "description": "degraded: a backing store is unreachable"}},
+    )
+    def healthz(response: Response) -> Health:
+        down: dict[str, str] = {}
+        try:
+            registry.ping()
+        except StorageError as exc:
+            log.error("health check: registry unreachable", extra={"error": str(exc)})
+            down["registry"] = "unreachable"  # the detail (hosts, ports) goes to the log, not to anonymous callers
+        try:
+            store.ping()
+        except StorageError as exc:
+            log.error("health check: time-series store unreachable", extra={"error": str(exc)})
+            down["timeseries"] = "unreachable"
+        if down:
+            response.status_code = 503
+            return Health(status="degraded", down=down)
         return Health()
 
     @app.get("/metrics", tags=["ops"], response_class=Response)

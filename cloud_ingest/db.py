@@ -1,7 +1,8 @@
-"""Relational models (registry, per-device state, replay ledger) and engine set-up.
+"""Relational models (registry, device keys, per-device state, replay ledger) and engine set-up.
 
 SQLite by default, PostgreSQL in production: the models use only portable types and constraints; everything
-SQLite-specific lives in the connect/begin hooks of `create_engine_for`.
+SQLite-specific lives in the connect/begin hooks of `create_engine_for`. The schema itself is owned by the Alembic
+revisions in cloud_ingest/migrations/ (`init_db` runs them); a model change needs a new revision there.
 """
 
 from __future__ import annotations
@@ -15,15 +16,29 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Engine,
+    ForeignKey,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     create_engine,
     event,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# PostgreSQL pool: a bounded pool (a burst waits at most POOL_TIMEOUT_S for a connection, then fails as a
+# StorageError the bridge retries) and bounded connect/statement times, so an unreachable or hung server turns into
+# an error instead of a stuck ingest thread.
+PG_POOL_SIZE = 5
+PG_MAX_OVERFLOW = 5
+PG_POOL_TIMEOUT_S = 10
+PG_POOL_RECYCLE_S = 1800
+PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 30_000
+# Execution option naming the statement the SQLite "begin" hook emits; migrations ask for BEGIN IMMEDIATE.
+SQLITE_BEGIN_OPTION = "zhilian_sqlite_begin"
 
 
 class Role(enum.StrEnum):
@@ -52,17 +67,36 @@ def as_utc(value: datetime) -> datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    # Deterministic constraint names on every backend, so a later revision can drop or alter one by name
+    # (SQLite batch mode and PostgreSQL ALTER both need them). Check constraints are named explicitly.
+    metadata = MetaData(
+        naming_convention={
+            "pk": "pk_%(table_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "ix": "ix_%(table_name)s_%(column_0_name)s",
+        }
+    )
 
 
 class Device(Base):
     __tablename__ = "device"
 
     vin: Mapped[str] = mapped_column(String(32), primary_key=True)
-    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
-    key_id: Mapped[bytes] = mapped_column(LargeBinary(8))
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     label: Mapped[str | None] = mapped_column(String(200), default=None)
+
+
+class DeviceKeyRow(Base):
+    """A device's Ed25519 signing keys: several may be active at once (rotation); a revoked key stays, marked."""
+
+    __tablename__ = "device_keys"
+
+    vin: Mapped[str] = mapped_column(String(32), ForeignKey("device.vin"), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)  # lowercase hex of the envelope's 8 bytes
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class ApiKey(Base):
@@ -125,17 +159,43 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql(conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN"))
 
 
 def create_engine_for(url: str) -> Engine:
-    """An engine for `url`; SQLite files get WAL, synchronous=FULL and a busy timeout for multi-process use."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+    """An engine for `url`.
+
+    SQLite files get WAL, synchronous=FULL and a busy timeout for multi-process use. PostgreSQL URLs
+    (`postgresql://` is taken as `postgresql+psycopg://`, the driver we ship) get a bounded, pre-pinging pool
+    and connect/statement timeouts unless the URL sets its own.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        if "options" not in parsed.query:
+            connect_args["options"] = f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=PG_POOL_SIZE,
+            max_overflow=PG_MAX_OVERFLOW,
+            pool_timeout=PG_POOL_TIMEOUT_S,
+            pool_recycle=PG_POOL_RECYCLE_S,
+            connect_args=connect_args,
+        )
+    return create_engine(parsed, pool_pre_ping=True)
 
 
 def init_db(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
+    """Bring the schema to the newest Alembic revision (creating it, or adopting a pre-Alembic SQLite registry)."""
+    from cloud_ingest.migrations import upgrade
+
+    upgrade(engine)

@@ -1,23 +1,40 @@
 """The replay ledger: which (vin, boot, seq) identities were stored, and the high-water mark per (vin, boot).
 
 Relational (SQLAlchemy) so that several ingest workers, possibly on several machines, share it: the ledger's
-primary key is the arbiter when two workers race to store the same message.
+primary key is the arbiter when two workers race to store the same message. Commits use the dialect's upsert
+(`INSERT ... ON CONFLICT` on SQLite and PostgreSQL alike): a row another worker recorded first is simply not
+returned, so a race costs no aborted transaction and no retry loop.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import Engine, case, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Engine, Table, case, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cloud_ingest.db import BootWindow, DeviceState, MessageLedger
 from cloud_ingest.errors import StorageError
 
+log = logging.getLogger(__name__)
+
 Identity = tuple[str, int, int]
+
+_LEDGER = cast(Table, MessageLedger.__table__)
+_WINDOWS = cast(Table, BootWindow.__table__)
+_UPSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+# PostgreSQL aborts one of two transactions that wait on each other (deadlock) or, under SERIALIZABLE, conflict;
+# the loser is retried as a whole. Rows are locked in sorted order, so this should be rare.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+_MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +49,17 @@ class LedgerView:
     seen: set[Identity]
 
 
+def _retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        upsert = _UPSERTS.get(engine.dialect.name)
+        if upsert is None:
+            raise StorageError(f"the ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")
+        self._upsert = upsert
 
     def lookup(self, identities: Iterable[Identity]) -> LedgerView:
         by_boot: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -64,67 +89,71 @@ class Ledger:
     def commit(self, entries: Sequence[LedgerEntry], window: int, now_ms: int) -> set[Identity]:
         """Record `entries` in one transaction; returns the identities another worker had recorded first.
 
-        Those are left out (they count as duplicates) and the rest is committed on a retry.
+        Those are left out (they count as duplicates): neither the high-water mark nor the device counters
+        include them.
         """
-        pending = list(entries)
-        lost: set[Identity] = set()
-        # A conflict is either a ledger row another worker committed first (dropped here, so each such retry
-        # shrinks `pending`) or a concurrent first BootWindow insert (which exists on the retry); hence the bound.
-        for _ in range(len(entries) + 2):
-            if not pending:
-                return lost
+        if not entries:
+            return set()
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
             try:
-                self._commit_once(pending, window, now_ms)
-                return lost
-            except IntegrityError:
-                taken = self.lookup(e.identity for e in pending).seen
-                lost |= taken
-                pending = [e for e in pending if e.identity not in taken]
+                return self._commit_once(entries, window, now_ms)
+            except DBAPIError as exc:
+                if not _retryable(exc) or attempt == _MAX_ATTEMPTS:
+                    raise StorageError(f"ledger commit failed: {exc}") from exc
+                log.warning("ledger commit lost a lock conflict; retrying", extra={"attempt": attempt})
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
             except SQLAlchemyError as exc:
                 raise StorageError(f"ledger commit failed: {exc}") from exc
-        raise StorageError("ledger commit did not converge")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _commit_once(self, entries: Sequence[LedgerEntry], window: int, now_ms: int) -> None:
-        hwm: dict[tuple[str, int], int] = {}
-        per_vin: dict[str, tuple[int, int, int]] = {}  # vin -> (messages, samples, last boot)
-        for e in entries:
-            vin, boot, seq = e.identity
-            hwm[(vin, boot)] = max(seq, hwm.get((vin, boot), seq))
-            messages, samples, last_boot = per_vin.get(vin, (0, 0, boot))
-            per_vin[vin] = (messages + 1, samples + e.samples, max(boot, last_boot))
+    def _commit_once(self, entries: Sequence[LedgerEntry], window: int, now_ms: int) -> set[Identity]:
+        samples = {e.identity: e.samples for e in entries}
+        wanted = sorted(samples)
         with Session(self.engine) as session, session.begin():
             # The INSERT comes first so the transaction takes its write lock before reading anything
             # (a SQLite read-then-write transaction could fail instead of waiting behind another writer).
-            session.execute(
-                insert(MessageLedger), [{"vin": v, "boot": b, "seq": s} for (v, b, s) in (e.identity for e in entries)]
+            # Sorted rows: two PostgreSQL workers inserting overlapping sets lock them in the same order.
+            ins = self._upsert(_LEDGER).values([{"vin": v, "boot": b, "seq": s} for v, b, s in wanted])
+            ins = ins.on_conflict_do_nothing(index_elements=["vin", "boot", "seq"]).returning(
+                _LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq
             )
-            for (vin, boot), top in hwm.items():
-                moved = session.execute(
-                    update(BootWindow)
-                    .where(BootWindow.vin == vin, BootWindow.boot == boot)
-                    .values(hwm_seq=case((BootWindow.hwm_seq < top, top), else_=BootWindow.hwm_seq))
-                ).rowcount  # type: ignore[attr-defined]
-                if moved == 0:
-                    # A concurrent first insert makes this raise IntegrityError: the whole commit is retried.
-                    session.execute(insert(BootWindow).values(vin=vin, boot=boot, hwm_seq=top))
-                current = session.scalar(
-                    select(BootWindow.hwm_seq).where(BootWindow.vin == vin, BootWindow.boot == boot)
-                )
-                if current is None:
-                    raise StorageError(f"boot window of {vin}/{boot} vanished inside its transaction")
+            inserted: set[Identity] = {(v, b, s) for v, b, s in session.execute(ins)}
+            lost = set(wanted) - inserted
+            if not inserted:
+                return lost
+            hwm: dict[tuple[str, int], int] = {}
+            per_vin: dict[str, tuple[int, int, int]] = {}  # vin -> (messages, samples, last boot)
+            for identity in sorted(inserted):
+                vin, boot, seq = identity
+                hwm[(vin, boot)] = max(seq, hwm.get((vin, boot), seq))
+                messages, count, last_boot = per_vin.get(vin, (0, 0, boot))
+                per_vin[vin] = (messages + 1, count + samples[identity], max(boot, last_boot))
+            up = self._upsert(_WINDOWS).values(
+                [{"vin": v, "boot": b, "hwm_seq": top} for (v, b), top in sorted(hwm.items())]
+            )
+            up = up.on_conflict_do_update(
+                index_elements=["vin", "boot"],
+                set_={
+                    "hwm_seq": case(
+                        (_WINDOWS.c.hwm_seq < up.excluded.hwm_seq, up.excluded.hwm_seq), else_=_WINDOWS.c.hwm_seq
+                    )
+                },
+            ).returning(_WINDOWS.c.vin, _WINDOWS.c.boot, _WINDOWS.c.hwm_seq)
+            for vin, boot, current in sorted(session.execute(up).all()):
                 session.execute(
                     delete(MessageLedger).where(
                         MessageLedger.vin == vin, MessageLedger.boot == boot, MessageLedger.seq <= current - window
                     )
                 )
-            for vin, (messages, samples, boot) in per_vin.items():
+            for vin, (messages, count, boot) in sorted(per_vin.items()):
                 session.execute(
                     update(DeviceState)
                     .where(DeviceState.vin == vin)
                     .values(
                         messages=DeviceState.messages + messages,
-                        samples=DeviceState.samples + samples,
+                        samples=DeviceState.samples + count,
                         last_seen_ms=now_ms,
                         last_boot=boot,
                     )
                 )
+        return lost

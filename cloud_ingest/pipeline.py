@@ -54,6 +54,7 @@ class _Accepted:
     vin: str
     identity: Identity
     batch: Batch
+    kind: Kind
 
 
 class _Rejected(Exception):
@@ -86,6 +87,9 @@ class IngestPipeline:
             registry=self.metrics,
         )
         self._m_samples = Counter("zhilian_ingest_samples", "Samples stored", registry=self.metrics)
+        # Edge alerts (firmware_specs/ALERTS.md) are columnar batches too and are stored like telemetry; counted
+        # apart so an operator sees how many the fleet raised.
+        self._m_alerts = Counter("zhilian_ingest_alerts", "ALERT envelopes stored", registry=self.metrics)
         self._m_invalid = Counter(
             "zhilian_ingest_invalid_values",
             "Values dropped because they were out of their signal's range or type",
@@ -97,6 +101,7 @@ class IngestPipeline:
         self._rejected: TallyCounter[str] = TallyCounter()
         self._invalid: TallyCounter[str] = TallyCounter()
         self._samples = 0
+        self._alerts = 0
 
     # -- public ---------------------------------------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class IngestPipeline:
                 "stored": self._outcomes["stored"],
                 "duplicate": self._outcomes["duplicate"],
                 "samples": self._samples,
+                "alerts": self._alerts,
                 "rejected": dict(self._rejected),
                 "invalid_values": dict(self._invalid),
             }
@@ -150,11 +156,13 @@ class IngestPipeline:
             raise _Rejected("malformed", "boot/seq beyond 2^63")
         if claimed_vin is not None and claimed_vin != env.vin:
             raise _Rejected("vin_mismatch", f"channel says {claimed_vin!r}, envelope says {env.vin!r}")
-        public_raw = self.registry.get_device_key(env.vin)
-        if public_raw is None:
-            raise _Rejected("unknown_device", env.vin)
+        # By (vin, key_id): a device may hold several keys while it rotates; unknown_device, unknown_key and
+        # revoked_key are told apart before any signature work.
+        found = self.registry.lookup_key(env.vin, env.key_id)
+        if found.public_key is None:
+            raise _Rejected(found.state.value, f"{env.vin} key {env.key_id.hex()}")
         try:
-            signed.verify(public_raw)
+            signed.verify(found.public_key)
         except SignatureError as exc:
             raise _Rejected("bad_signature", str(exc)) from None
         if env.kind not in _ACCEPTED_KINDS:
@@ -185,7 +193,7 @@ class IngestPipeline:
                 log.warning("unknown signal ids skipped", extra={"vin": vin, "ids": list(decoded.unknown_ids)})
             self._drop_invalid(vin, decoded.batch)
             in_call.add(c.identity)
-            accepted.append(_Accepted(c.index, vin, c.identity, decoded.batch))
+            accepted.append(_Accepted(c.index, vin, c.identity, decoded.batch, c.kind))
         return accepted
 
     def _drop_invalid(self, vin: str, batch: Batch) -> None:
@@ -230,9 +238,12 @@ class IngestPipeline:
             results[a.index] = IngestResult("stored", None, a.vin, entry.samples)
             self._m_messages.labels(outcome="stored", reason="").inc()
             self._m_samples.inc(entry.samples)
+            if a.kind is Kind.ALERT:
+                self._m_alerts.inc()
             with self._lock:
                 self._outcomes["stored"] += 1
                 self._samples += entry.samples
+                self._alerts += a.kind is Kind.ALERT
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ _SQL_TYPE = {SignalType.FLOAT: "REAL", SignalType.INT: "INTEGER", SignalType.BOO
 
 
 class TimeSeriesStore(Protocol):
-    """What the pipeline and the API need from a time-series backend (SQLite now, InfluxDB next)."""
+    """What the pipeline and the API need from a time-series backend (SQLite, or InfluxDB in influx_store.py)."""
 
     def write_many(self, items: Sequence[tuple[str, Batch]]) -> int:
         """Write every batch in one durable step; re-writing the same (vin, ts) merges, never duplicates.
@@ -41,6 +41,10 @@ class TimeSeriesStore(Protocol):
     def latest_position(self, vin: str) -> tuple[int, float, float] | None: ...
 
     def query(self, vin: str, start_ms: int, end_ms: int, signals: list[str] | None, limit: int) -> Batch: ...
+
+    def ping(self) -> None:
+        """Raises StorageError unless the backend answers (the health endpoint's check)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -247,6 +251,12 @@ class SqliteTimeSeriesStore:
             for i, sig in enumerate(sigs, start=1):
                 batch.columns[sig.name].append(self._from_sql(sig, r[i]))
         return batch
+
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"time-series store unavailable: {exc}") from exc
 
     def close(self) -> None:
         with self._all_lock:

@@ -2,6 +2,8 @@
 # Installs what a fresh Debian/Ubuntu machine lacks to run Zhilian's demo and tests:
 #   - Mosquitto (Debian package `mosquitto`): the demo and the tests spawn private brokers on free ports;
 #   - InfluxDB 1.x (Debian package `influxdb`): the tests spawn private `influxd` servers on free ports;
+#   - PostgreSQL (Debian package `postgresql`): the relational tests use the server on 127.0.0.1:5432 when one
+#     runs, else a private cluster of their own (initdb + pg_ctl on a free port);
 #   - uv, then the locked Python dependencies (uv.lock) into .venv.
 # Idempotent: does nothing that is already done.
 set -euo pipefail
@@ -18,6 +20,7 @@ apt_install() {
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || missing+=(influxdb)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

@@ -8,12 +8,15 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 
 from broker_bridge.bridge import MqttBridge
 from cloud_ingest.service import IngestService
+from tests.influx_server import influx_database, influxd  # noqa: F401  (fixtures: the time-series suite)
+from tests.relational import database_url, postgres_admin, private_postgres  # noqa: F401  (fixtures: the relational suite)
 from zhilian.broker import MosquittoProcess, free_port
 from zhilian.serve import _Server
 
@@ -47,9 +50,16 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(data_dir: Path, broker: MosquittoProcess, tls: ClientTls | None = None) -> AsyncIterator[Stack]:
-    """Ingest service + bridge + HTTP API on one loop, as `zhilian serve` runs them; `tls`: the bridge's mTLS files."""
-    service = IngestService.open(data_dir)
+async def running_stack(
+    data_dir: Path,
+    broker: MosquittoProcess,
+    tls: ClientTls | None = None,
+    db_url: str | None = None,
+    service_options: dict[str, Any] | None = None,
+) -> AsyncIterator[Stack]:
+    """Ingest service + bridge + HTTP API on one loop, as `zhilian serve` runs them; `tls`: the bridge's mTLS files;
+    `service_options`: more IngestService.open arguments (e.g. influx_url)."""
+    service = IngestService.open(data_dir, database_url=db_url, **(service_options or {}))
     admin = service.registry.create_api_key("admin", "test-admin")
     viewer = service.registry.create_api_key("viewer", "test-viewer")
     stop = asyncio.Event()
@@ -58,6 +68,7 @@ async def running_stack(data_dir: Path, broker: MosquittoProcess, tls: ClientTls
         host=broker.host,
         port=broker.port,
         metrics=service.pipeline.metrics,
+        control=service.commands,
         tls_ca=tls.ca if tls else None,
         tls_cert=tls.cert if tls else None,
         tls_key=tls.key if tls else None,

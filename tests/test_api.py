@@ -28,8 +28,8 @@ SATS = "CurrentLocation.GNSSReceiver.SatellitesUsed"
 
 
 class Api:
-    def __init__(self, tmp: Path) -> None:
-        self.svc = IngestService.open(tmp)
+    def __init__(self, tmp: Path, database_url: str | None = None) -> None:
+        self.svc = IngestService.open(tmp, database_url=database_url)
         self.client = TestClient(self.svc.app)
         self.admin = {"Authorization": f"Bearer {self.svc.registry.create_api_key(Role.ADMIN, 'root')}"}
         self.viewer = {"X-API-Key": self.svc.registry.create_api_key(Role.VIEWER, "dash")}
@@ -45,8 +45,8 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    a = Api(tmp_path)
+def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
+    a = Api(tmp_path, database_url)
     yield a
     a.client.close()
     a.svc.close()
@@ -203,7 +203,7 @@ _param = st.one_of(st.none(), st.text(max_size=40), st.datetimes().map(lambda d:
 def test_telemetry_query_never_5xx(
     api: Api, vin: str, start: str | None, end: str | None, signals: str | None, limit: str | None
 ) -> None:
-    if api.svc.registry.get_device_key(VIN) is None:
+    if api.svc.registry.get_device(VIN) is None:
         api.register()
     params = {
         k: v for k, v in {"start": start, "end": end, "signals": signals, "limit": limit}.items() if v is not None

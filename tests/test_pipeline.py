@@ -1,4 +1,6 @@
-"""The ingest pipeline: every rejection reason, dedupe, replay window, validation, storage order."""
+"""The ingest pipeline: every rejection reason, dedupe, replay window, validation, storage order.
+
+Runs on SQLite and on PostgreSQL (the `database_url` fixture of tests/relational.py)."""
 
 from __future__ import annotations
 
@@ -41,12 +43,14 @@ LON = "CurrentLocation.Longitude"
 SOC = "Powertrain.TractionBattery.StateOfCharge"
 KEY = DeviceKey.from_seed(b"\x01" * 32)
 STRANGER = DeviceKey.from_seed(b"\x02" * 32)
+RETIRED = DeviceKey.from_seed(b"\x03" * 32)
 T0 = 1_700_000_000_000
 
 
 class Env:
-    def __init__(self, tmp: Path, window: int = 4096) -> None:
-        self.engine = create_engine_for(f"sqlite:///{tmp / 'registry.db'}")
+    def __init__(self, tmp: Path, url: str, window: int = 4096) -> None:
+        self.url = url
+        self.engine = create_engine_for(url)
         init_db(self.engine)
         self.registry = Registry(self.engine)
         self.store = SqliteTimeSeriesStore(tmp / "telemetry.db", CAT)
@@ -72,8 +76,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
+def env(tmp_path: Path, database_url: str) -> Iterator[Env]:
+    e = Env(tmp_path, database_url)
     yield e
     e.close()
 
@@ -108,10 +112,12 @@ def with_version(raw: bytes, version: int) -> bytes:
     return msgpack.packb([msgpack.packb(inner, use_bin_type=True), sig], use_bin_type=True)
 
 
-def test_every_rejection_reason_is_counted_and_never_stored(tmp_path: Path) -> None:
-    env = Env(tmp_path, window=16)
+def test_every_rejection_reason_is_counted_and_never_stored(tmp_path: Path, database_url: str) -> None:
+    env = Env(tmp_path, database_url, window=16)
     try:
         env.registry.register_device(OTHER, STRANGER.public_raw)
+        env.registry.add_key(VIN, RETIRED.public_raw)
+        env.registry.revoke_key(VIN, RETIRED.key_id)
         assert env.pipeline.ingest_one(VIN, message(100, boot=7)).outcome == "stored"
         cases: list[tuple[str | None, str | None, bytes]] = [
             # (expected reason or None for stored, claimed vin, raw)
@@ -123,7 +129,8 @@ def test_every_rejection_reason_is_counted_and_never_stored(tmp_path: Path) -> N
             ("vin_mismatch", OTHER, message(4, [T0 + 4])),
             ("unknown_device", None, message(5, [T0 + 5], vin="LZHEB0A12P0000099")),
             ("bad_signature", VIN, tamper_signature(message(6, [T0 + 6]))),
-            ("bad_signature", VIN, message(7, [T0 + 7], key=STRANGER)),  # key id differs from registered key
+            ("unknown_key", VIN, message(7, [T0 + 7], key=STRANGER)),  # OTHER's key, not one of VIN's
+            ("revoked_key", VIN, message(11, [T0 + 11], key=RETIRED)),
             ("unsupported_kind", VIN, message(8, [T0 + 8], kind=Kind.STATUS)),
             ("bad_body", VIN, message(9, body=b"\xc1not a batch")),
             ("replay", VIN, message(84, [T0 + 84], boot=7)),  # hwm 100, window 16: 84 is outside
@@ -143,7 +150,7 @@ def test_every_rejection_reason_is_counted_and_never_stored(tmp_path: Path) -> N
         assert stats["stored"] == 4 and stats["samples"] == 4 and stats["duplicate"] == 0
         expected_rejections = {r for r, _, _ in cases if r is not None}
         assert set(stats["rejected"]) == expected_rejections
-        assert stats["rejected"]["bad_signature"] == 2 and stats["rejected"]["malformed"] == 2
+        assert stats["rejected"]["bad_signature"] == 1 and stats["rejected"]["malformed"] == 2
         for reason in expected_rejections:
             got = env.metric("zhilian_ingest_messages_total", outcome="rejected", reason=reason)
             assert got == stats["rejected"][reason]
@@ -182,8 +189,8 @@ def test_out_of_range_values_are_dropped_and_the_rest_kept(env: Env) -> None:
     assert env.metric("zhilian_ingest_invalid_values_total", signal=LAT) == 1
 
 
-def test_ledger_is_pruned_below_the_window(tmp_path: Path) -> None:
-    env = Env(tmp_path, window=4)
+def test_ledger_is_pruned_below_the_window(tmp_path: Path, database_url: str) -> None:
+    env = Env(tmp_path, database_url, window=4)
     try:
         for seq in range(1, 21):
             assert env.pipeline.ingest_one(VIN, message(seq)).outcome == "stored"
@@ -224,8 +231,8 @@ def test_crash_between_store_and_ledger_stores_once(env: Env, monkeypatch: pytes
     assert len(env.store.query(VIN, 0, 2**62, None, 100)) == 2
 
 
-def test_two_workers_racing_store_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a = Env(tmp_path)
+def test_two_workers_racing_store_once(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Env(tmp_path, database_url)
     b_pipeline = IngestPipeline(Registry(a.engine), a.store, CAT)
     try:
         raw, other = message(1), message(2)
@@ -302,7 +309,7 @@ def test_valid_random_batches_round_trip_into_the_store(env: Env, batch: Batch) 
 
 def test_concurrent_workers_on_shared_databases_store_each_message_once(env: Env) -> None:
     # Two pipelines (as two bridge workers would have) with their own engines and stores on the same files.
-    engine_b = create_engine_for(str(env.engine.url))
+    engine_b = create_engine_for(env.url)
     store_b = SqliteTimeSeriesStore(env.store.path, CAT)
     worker_b = IngestPipeline(Registry(engine_b), store_b, CAT)
     raws = [(VIN, message(seq)) for seq in range(1, 41)]

@@ -64,7 +64,8 @@ def _time(fn: Callable[[], object], min_time: float = 0.2, rounds: int = 5) -> f
     return statistics.median(per_call)
 
 
-def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
+def run_benchmarks(console: Console | None = None, store_seconds: float = 30.0) -> dict[str, Any]:
+    """`store_seconds`: how long each time-series backend is fed in the sustained-ingest case (0: skip it)."""
     console = console or Console()
     cat = load_catalogue()
     key = DeviceKey.generate()
@@ -88,6 +89,7 @@ def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
         sec = _time(fn)
         results["cases"][name] = {"us_per_call": sec * 1e6, "samples_per_s": samples / sec}
     results["cases"]["pipeline ingest into SQLite (200 msgs/commit)"] = _bench_pipeline(key, cat)
+    results["cases"]["rule engine, all rules on (per sample)"] = _bench_rules()
     results["decoders"] = _bench_decoders()
     table = Table(title=f"zhilian bench — envelope {len(wire)} B, body {len(body)} B for {SAMPLES_PER_BATCH} samples")
     table.add_column("case")
@@ -103,6 +105,10 @@ def run_benchmarks(console: Console | None = None) -> dict[str, Any]:
     for name, r in results["decoders"].items():
         dec.add_row(name, f"{r['units_per_s']:,.0f} {r['unit']}", f"{r['mb_per_s']:.2f}")
     console.print(dec)
+    if store_seconds > 0:
+        from zhilian.bench_store import run_store_benchmarks
+
+        results["stores"] = run_store_benchmarks(console, duration_s=store_seconds)
     return results
 
 
@@ -156,7 +162,82 @@ def _bench_decoders() -> dict[str, dict[str, Any]]:
     ):
         sec = _time(lambda f=factory, s=stream: _feed_all(f, s), min_time=0.5, rounds=3)
         out[name] = {"unit": unit, "units_per_s": units / sec, "mb_per_s": len(stream) / sec / 1e6}
+    out["CAN frame decoder (cantools, 48v profile)"] = _bench_can(model)
     return out
+
+
+def _bench_can(model: Any) -> dict[str, Any]:
+    """Every frame the emulated BMS + controller send in 200 s of riding, decoded into catalogue values."""
+    from edge_agent.devices.can_codec import CanCodec
+    from simulators.can_bus import CanVehicleEmulator
+
+    emu = CanVehicleEmulator(model)
+    codec = emu.codec
+    frames = [
+        codec.encode(message, values, group)
+        for i in range(200)
+        for message, group, values in emu.frames(model.state_at(1_767_225_600.0 + i), codec.messages)
+    ]
+
+    def decode_all() -> None:
+        dec = CanCodec(codec.variant, database=codec.database)
+        for frame_id, data in frames:
+            dec.decode(frame_id, data)
+
+    sec = _time(decode_all, min_time=0.5, rounds=3)
+    return {"unit": "frames", "units_per_s": len(frames) / sec, "mb_per_s": 8 * len(frames) / sec / 1e6}
+
+
+def _bench_rules() -> dict[str, float]:
+    """Every hazard rule on, fed a simulated 10-minute e-bike ride sample by sample (GNSS, BMS with 13 cell
+    voltages and probes, controller status and config), a fresh vehicle per call; reported per sample."""
+    from cloud_ingest.rules import ApprovedBattery, FactoryControllerConfig, RuleEngine, VehicleContext, load_rules
+    from simulators.bms_jbd import JbdBmsEmulator
+    from simulators.controller_uart import ControllerEmulator
+    from simulators.route import route_for
+    from simulators.vehicle import VehicleModel
+
+    cat = load_catalogue()
+    t0 = 1_767_225_600.0
+    model = VehicleModel(route_for(0), seed=0, start_time=t0)
+    bms, ctl = JbdBmsEmulator(model), ControllerEmulator(model)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for i in range(600):
+        state = model.state_at(t0 + i)
+        values: dict[str, Any] = {
+            "CurrentLocation.Latitude": state.lat,
+            "CurrentLocation.Longitude": state.lon,
+            "CurrentLocation.Altitude": state.altitude_m,
+            "CurrentLocation.GNSSReceiver.GroundSpeed": round(state.speed_kmh, 2),
+            "CurrentLocation.GNSSReceiver.FixMode": 3,
+            "CurrentLocation.GNSSReceiver.HDOP": 0.9,
+            "CurrentLocation.GNSSReceiver.SatellitesUsed": 14,
+            "Powertrain.TractionBattery.Barcode": bms.barcode,
+        }
+        values.update(bms.basic_info(state).signals(cat))
+        for k, mv in enumerate(bms.cell_millivolts(state), 1):
+            values[f"Powertrain.TractionBattery.CellVoltage.Cell{k}"] = mv / 1000
+        values.update(ctl.status(state).signals(cat))
+        values.update(ctl.config().signals(cat))
+        rows.append((int((t0 + i) * 1000), values))
+    engine = RuleEngine(load_rules(), cat)
+    ctx = VehicleContext(
+        model="ebike48",
+        chemistry="NMC",
+        battery=ApprovedBattery(frozenset({bms.barcode}), bms.nominal_ah, bms.cells),
+        controller=FactoryControllerConfig(model.variant.speed_limit_kmh, model.variant.wheel_inch),
+    )
+    calls = [0]
+
+    def ride() -> None:
+        calls[0] += 1
+        vin = f"LZHBENCH{calls[0]:09d}"
+        for ts, values in rows:
+            engine.evaluate(vin, ctx, ts, values)
+        engine.forget(vin)
+
+    sec = _time(ride, min_time=0.5, rounds=3)
+    return {"us_per_call": sec / len(rows) * 1e6, "samples_per_s": len(rows) / sec}
 
 
 def _bench_pipeline(key: DeviceKey, cat: Any) -> dict[str, float]:

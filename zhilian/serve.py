@@ -11,6 +11,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -48,9 +49,12 @@ async def serve(
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    database_url: str | None = None,
+    store_options: dict[str, Any] | None = None,
 ) -> None:
+    """`store_options`: time-series store arguments of IngestService.open (influx_url, influx_db, ...)."""
     stop = stop or asyncio.Event()
-    service = IngestService.open(data_dir)
+    service = IngestService.open(data_dir, database_url=database_url, **(store_options or {}))
     tasks: list[asyncio.Task[None]] = []
     server: _Server | None = None
     try:
@@ -65,6 +69,7 @@ async def serve(
                 client_id=client_id,
                 share_group=share_group,
                 metrics=service.pipeline.metrics,
+                control=service.commands,
                 tls_ca=tls_ca,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
