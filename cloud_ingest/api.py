@@ -14,18 +14,27 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
+from cloud_ingest.alarms import AlarmService
 from cloud_ingest.commands import CommandService
 from cloud_ingest.db import Role
 from cloud_ingest.errors import DeviceConflict, InvalidDeviceError, QueryError, StorageError, UnknownSignalError
+from cloud_ingest.geofences import GeofenceService
+from cloud_ingest.lifecycle import LifecycleService
 from cloud_ingest.pipeline import IngestPipeline
 from cloud_ingest.registry import PUBLIC_KEY_LEN, Registry, VehicleSummary
+from cloud_ingest.routes_alarms import alarms_router
 from cloud_ingest.routes_commands import commands_router
+from cloud_ingest.routes_geofences import geofences_router
 from cloud_ingest.routes_keys import keys_router
+from cloud_ingest.routes_lifecycle import lifecycle_router
+from cloud_ingest.routes_queries import queries_router
 from cloud_ingest.tsstore import MAX_QUERY_LIMIT, TimeSeriesStore
 from protocol import Catalogue
 from protocol.errors import TopicError
@@ -88,7 +97,7 @@ class VehicleOut(BaseModel):
     last_seen: datetime | None
     messages: int
     samples: int
-    position: Position | None = Field(description="position in the newest stored sample, when it has one")
+    position: Position | None = Field(description="last known position: the newest sample that had one")
 
 
 class LatestOut(BaseModel):
@@ -150,6 +159,16 @@ def _ms(dt: datetime) -> int:
     return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _dt(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
@@ -164,6 +183,9 @@ def create_app(
     pipeline: IngestPipeline,
     catalogue: Catalogue,
     commands: CommandService | None = None,
+    alarms: AlarmService | None = None,
+    lifecycle: LifecycleService | None = None,
+    geofences: GeofenceService | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Zhilian cloud ingest",
@@ -183,6 +205,12 @@ def create_app(
         path = getattr(route, "path", "<unmatched>")
         m_requests.labels(method=request.method, route=path, status=str(response.status_code)).inc()
         return response
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The default handler echoes the offending input, and Python's JSON parser accepts NaN and Infinity, which
+        # a JSON response cannot carry: such a body turned a 422 into a 500.
+        return JSONResponse(status_code=_UNPROCESSABLE, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(StorageError)
     def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
@@ -209,8 +237,15 @@ def create_app(
     admin = [Depends(require(Role.ADMIN))]
     viewer = [Depends(require(Role.VIEWER))]
     app.include_router(keys_router(registry, require))
+    app.include_router(queries_router(store, registry, catalogue, require))
     if commands is not None:
         app.include_router(commands_router(commands, require))
+    if alarms is not None:
+        app.include_router(alarms_router(alarms, require))
+    if lifecycle is not None:
+        app.include_router(lifecycle_router(lifecycle, require))
+    if geofences is not None:
+        app.include_router(geofences_router(geofences, require))
 
     def known_vin(vin: str) -> VehicleSummary:
         summary = registry.vehicle_summary(vin) if VIN_RE.match(vin) else None
@@ -218,9 +253,8 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown vehicle {vin!r}"[:200])
         return summary
 
-    def vehicle_out(v: VehicleSummary) -> VehicleOut:
+    def vehicle_out(v: VehicleSummary, found: tuple[int, float, float] | None) -> VehicleOut:
         position = None
-        found = store.latest_position(v.vin)
         if found is not None:
             ts, lat, lon = found
             position = Position(lat=lat, lon=lon, ts=_dt(ts))
@@ -278,7 +312,10 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
         offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     ) -> list[VehicleOut]:
-        return [vehicle_out(v) for v in registry.list_vehicles(limit=limit, offset=offset)]
+        page = registry.list_vehicles(limit=limit, offset=offset)
+        # One snapshot query for the page's positions, not one store lookup per vehicle.
+        snapshot = {e.vin: e.position for e in store.fleet_snapshot(vins=[v.vin for v in page])} if page else {}
+        return [vehicle_out(v, snapshot.get(v.vin)) for v in page]
 
     @app.get("/v1/vehicles/{vin}/latest", response_model=LatestOut, dependencies=viewer, tags=["vehicles"])
     def latest(vin: VinPath) -> LatestOut:

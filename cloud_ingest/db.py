@@ -13,14 +13,17 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
     String,
+    Text,
     create_engine,
     event,
 )
@@ -140,6 +143,28 @@ class MessageLedger(Base):
     vin: Mapped[str] = mapped_column(String(32), primary_key=True)
     boot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class VehicleProfile(Base):
+    """What the hazard rules need to know about a vehicle beyond its telemetry (cloud_ingest/alarms.py builds a
+    rules VehicleContext from it). Optional: a vehicle without a row gets the rules file's base settings."""
+
+    __tablename__ = "vehicle_profile"
+
+    vin: Mapped[str] = mapped_column(String(32), ForeignKey("device.vin"), primary_key=True)
+    model: Mapped[str | None] = mapped_column(String(32), default=None)  # "ebike48", "emoto72"
+    variant: Mapped[str | None] = mapped_column(String(64), default=None)  # the maker's variant name, informative
+    chemistry: Mapped[str | None] = mapped_column(String(8), default=None)  # "NMC", "LFP"
+    battery_barcodes_json: Mapped[str] = mapped_column(Text, default="[]")  # packs bound to the VIN
+    battery_capacity_ah: Mapped[float | None] = mapped_column(Float, default=None)
+    battery_cell_count: Mapped[int | None] = mapped_column(Integer, default=None)
+    battery_manufactured_ms: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    battery_service_life_years: Mapped[float | None] = mapped_column(Float, default=None)
+    speed_limit_kmh: Mapped[float | None] = mapped_column(Float, default=None)  # factory controller record
+    wheel_inch: Mapped[float | None] = mapped_column(Float, default=None)
+    locked: Mapped[bool | None] = mapped_column(Boolean, default=None)  # None: as the vehicle's status reports
+    reporting_interval_s: Mapped[float] = mapped_column(Float, default=5.0)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -27,6 +27,8 @@ from cloud_ingest.errors import StorageError
 log = logging.getLogger(__name__)
 
 Identity = tuple[str, int, int]
+# Work that must commit atomically with the ledger rows (the pipeline's sample observers).
+WithinCommit = Callable[[Session, set[Identity]], None]
 
 _LEDGER = cast(Table, MessageLedger.__table__)
 _WINDOWS = cast(Table, BootWindow.__table__)
@@ -86,17 +88,21 @@ class Ledger:
             raise StorageError(f"ledger lookup failed: {exc}") from exc
         return view
 
-    def commit(self, entries: Sequence[LedgerEntry], window: int, now_ms: int) -> set[Identity]:
+    def commit(
+        self, entries: Sequence[LedgerEntry], window: int, now_ms: int, within: WithinCommit | None = None
+    ) -> set[Identity]:
         """Record `entries` in one transaction; returns the identities another worker had recorded first.
 
         Those are left out (they count as duplicates): neither the high-water mark nor the device counters
-        include them.
+        include them. `within(session, inserted)` runs inside that same transaction after the ledger rows are
+        written, with the identities this call recorded (none of the lost ones): whatever it writes commits or rolls
+        back with them. It may run more than once when a lock conflict retries the transaction.
         """
         if not entries:
             return set()
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             try:
-                return self._commit_once(entries, window, now_ms)
+                return self._commit_once(entries, window, now_ms, within)
             except DBAPIError as exc:
                 if not _retryable(exc) or attempt == _MAX_ATTEMPTS:
                     raise StorageError(f"ledger commit failed: {exc}") from exc
@@ -106,7 +112,9 @@ class Ledger:
                 raise StorageError(f"ledger commit failed: {exc}") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _commit_once(self, entries: Sequence[LedgerEntry], window: int, now_ms: int) -> set[Identity]:
+    def _commit_once(
+        self, entries: Sequence[LedgerEntry], window: int, now_ms: int, within: WithinCommit | None
+    ) -> set[Identity]:
         samples = {e.identity: e.samples for e in entries}
         wanted = sorted(samples)
         with Session(self.engine) as session, session.begin():
@@ -156,4 +164,6 @@ class Ledger:
                         last_boot=boot,
                     )
                 )
+            if within is not None:
+                within(session, inserted)
         return lost

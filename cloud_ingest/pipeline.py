@@ -1,7 +1,28 @@
-"""The ingest pipeline: verify → dedupe → decode → validate → store, for batches of raw envelopes.
+"""The ingest pipeline: verify → dedupe → decode → validate → store → observe, for batches of raw envelopes.
 
 A synchronous core: the MQTT bridge and any HTTP feeder call `ingest_many` from a worker thread and acknowledge
 their messages only after it returned (it raises StorageError when nothing may be acknowledged).
+
+Sample observers (`SampleObserver`: the hazard rules' alarm service, the life-cycle tracker, ...) see every stored
+TELEMETRY batch exactly once, inside the ledger's transaction:
+
+- `observe(session, vin, batch)` is called after the batch's samples are durable in the time-series store and its
+  ledger row is written, in the same relational transaction (`session`), before it commits. What an observer writes
+  through `session` (its per-vehicle state, the alarms it derived) therefore commits atomically with the ledger
+  entry: a redelivered duplicate is never observed again, and a batch whose commit did not happen is observed again
+  on redelivery, from the state the observer persisted before it.
+- Per vehicle, batches come in time order (by first sample time, then (boot, seq)); vehicles come in VIN order.
+  Identities another worker recorded first (lost races) are not observed, nor are ALERT envelopes: an edge alert
+  repeats readings its telemetry batch also carries, and it is sent ahead of that batch, so observing it would
+  move a vehicle's clock past samples still to come.
+- Each observer runs per vehicle inside a SAVEPOINT. A database error (SQLAlchemyError, StorageError) propagates:
+  the whole transaction rolls back and nothing is acknowledged, so the batch is retried. Any other exception is a bug
+  in that observer: its savepoint is rolled back, it is logged and counted (`zhilian_ingest_observer_errors`), and
+  ingest goes on — one broken observer must not stop the fleet's data.
+- An observer may be called again for the same batches when the transaction is retried after a lock conflict, so it
+  must not trust in-memory state a rolled-back transaction produced (e.g. keep a version number of what committed).
+- Several ingest workers may run: an observer keeping per-vehicle state must serialise on the database (a row lock
+  and/or a version check on its state row), not on a process-local lock.
 """
 
 from __future__ import annotations
@@ -12,9 +33,11 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from cloud_ingest.errors import StorageError
 from cloud_ingest.ledger import Identity, Ledger, LedgerEntry
@@ -26,6 +49,10 @@ from protocol.errors import DecodeError, SignatureError
 log = logging.getLogger(__name__)
 
 Outcome = Literal["stored", "duplicate", "rejected"]
+SAMPLE_AGE_BUCKETS_S = (
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+    20.0, 30.0, 60.0, 120.0, 300.0, float("inf"),
+)  # fmt: skip
 _ACCEPTED_KINDS = frozenset({Kind.TELEMETRY, Kind.ALERT})
 # The relational ledger holds boot and seq in signed 64-bit columns (SQLite INTEGER, PostgreSQL BIGINT).
 _MAX_IDENTITY = 2**63
@@ -57,6 +84,12 @@ class _Accepted:
     kind: Kind
 
 
+class SampleObserver(Protocol):
+    """Sees each stored telemetry batch once, inside the ledger's transaction (see the module docstring)."""
+
+    def observe(self, session: Session, vin: str, batch: Batch) -> None: ...
+
+
 class _Rejected(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(detail or reason)
@@ -71,6 +104,7 @@ class IngestPipeline:
         catalogue: Catalogue,
         metrics: CollectorRegistry | None = None,
         replay_window: int = 4096,
+        observers: Sequence[SampleObserver] = (),
     ) -> None:
         if replay_window < 1:
             raise ValueError("replay_window must be positive")
@@ -79,6 +113,7 @@ class IngestPipeline:
         self.catalogue = catalogue
         self.replay_window = replay_window
         self.ledger = Ledger(registry.engine)
+        self.observers: list[SampleObserver] = list(observers)
         self.metrics = metrics if metrics is not None else CollectorRegistry()
         self._m_messages = Counter(
             "zhilian_ingest_messages",
@@ -90,10 +125,24 @@ class IngestPipeline:
         # Edge alerts (firmware_specs/ALERTS.md) are columnar batches too and are stored like telemetry; counted
         # apart so an operator sees how many the fleet raised.
         self._m_alerts = Counter("zhilian_ingest_alerts", "ALERT envelopes stored", registry=self.metrics)
+        # Freshness, one observation per stored message (cheap): the load benchmark reads its percentiles as the
+        # end-to-end latency "sample taken → stored"; for live data it includes the device's batching delay.
+        self._m_sample_age = Histogram(
+            "zhilian_ingest_sample_age_seconds",
+            "Age of each stored message's newest sample when its commit returned",
+            buckets=SAMPLE_AGE_BUCKETS_S,
+            registry=self.metrics,
+        )
         self._m_invalid = Counter(
             "zhilian_ingest_invalid_values",
             "Values dropped because they were out of their signal's range or type",
             ["signal"],
+            registry=self.metrics,
+        )
+        self._m_observer_errors = Counter(
+            "zhilian_ingest_observer_errors",
+            "Sample observer failures other than database errors (their work was rolled back, ingest went on)",
+            ["observer"],
             registry=self.metrics,
         )
         self._lock = threading.Lock()
@@ -128,6 +177,10 @@ class IngestPipeline:
             assert r is not None
             out.append(r)
         return out
+
+    def add_observer(self, observer: SampleObserver) -> None:
+        """Register an observer; call before ingest starts (the list is not locked)."""
+        self.observers.append(observer)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -225,17 +278,27 @@ class IngestPipeline:
             log.exception("time-series write failed", extra={"messages": len(accepted)})
             raise StorageError(f"time-series write failed: {exc}") from exc
         entries = [LedgerEntry(a.identity, _count_samples(a.batch)) for a in accepted]
+        within = None
+        if self.observers:
+
+            def within(session: Session, inserted: set[Identity]) -> None:
+                self._observe(session, [a for a in accepted if a.identity in inserted])
+
         try:
-            lost = self.ledger.commit(entries, self.replay_window, int(time.time() * 1000))
+            # Positional `within`: the ledger's signature is (entries, window, now_ms, within).
+            lost = self.ledger.commit(entries, self.replay_window, int(time.time() * 1000), within)
         except StorageError:
             log.exception("ledger commit failed", extra={"messages": len(accepted)})
             raise
+        committed_s = time.time()
         for a, entry in zip(accepted, entries, strict=True):
             if a.identity in lost:
                 # Another worker recorded this message between our lookup and our commit.
                 results[a.index] = self._duplicate(a.vin)
                 continue
             results[a.index] = IngestResult("stored", None, a.vin, entry.samples)
+            if a.batch.timestamps:
+                self._m_sample_age.observe(committed_s - a.batch.timestamps[-1] / 1000)
             self._m_messages.labels(outcome="stored", reason="").inc()
             self._m_samples.inc(entry.samples)
             if a.kind is Kind.ALERT:
@@ -244,6 +307,27 @@ class IngestPipeline:
                 self._outcomes["stored"] += 1
                 self._samples += entry.samples
                 self._alerts += a.kind is Kind.ALERT
+
+    def _observe(self, session: Session, stored: list[_Accepted]) -> None:
+        by_vin: dict[str, list[_Accepted]] = {}
+        for a in stored:
+            if a.kind is Kind.TELEMETRY and a.batch.timestamps:
+                by_vin.setdefault(a.vin, []).append(a)
+        for vin in sorted(by_vin):
+            batches = sorted(by_vin[vin], key=lambda a: (a.batch.timestamps[0], a.identity))
+            for observer in self.observers:
+                try:
+                    with session.begin_nested():
+                        for a in batches:
+                            observer.observe(session, vin, a.batch)
+                except (SQLAlchemyError, StorageError):
+                    raise
+                except Exception:
+                    name = type(observer).__name__
+                    self._m_observer_errors.labels(observer=name).inc()
+                    log.exception(
+                        "sample observer failed; its work was rolled back", extra={"vin": vin, "observer": name}
+                    )
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
 

@@ -1,7 +1,13 @@
-"""Composition of the ingest service: registry, time-series store, pipeline and HTTP app over one data dir."""
+"""Composition of the ingest service: registry, time-series store, pipeline and HTTP app over one data dir.
+
+With hazard rules on (the default) the alarm service observes the pipeline (cloud_ingest/alarms.py); its periodic
+task (offline rule, deadline escalation) and the notification dispatchers run only after `start_background()` —
+`zhilian serve` calls it; tests and tools that only ingest do not get background threads.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,12 +15,19 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
+from cloud_ingest.alarms import AlarmsConfig, AlarmService
 from cloud_ingest.api import create_app
 from cloud_ingest.commands import CommandService, load_or_create_cloud_key
 from cloud_ingest.db import create_engine_for, init_db
+from cloud_ingest.geofences import GeofenceService
 from cloud_ingest.influx_store import InfluxSettings, InfluxTimeSeriesStore
+from cloud_ingest.lifecycle import LifecycleService
+from cloud_ingest.notify import MqttPublish, MqttSink, Notifier, NotifyConfig, Sink, WebhookConfig, WebhookSink
 from cloud_ingest.pipeline import IngestPipeline
 from cloud_ingest.registry import Registry
+from cloud_ingest.retention import MaintenanceLoop, RetentionConfig
+from cloud_ingest.rules import RuleEngine, load_rules
+from cloud_ingest.rules.context import ZoneLookup
 from cloud_ingest.tsstore import SqliteTimeSeriesStore, TimeSeriesStore
 from protocol import Catalogue, load_catalogue
 
@@ -28,6 +41,11 @@ class IngestService:
     app: FastAPI
     catalogue: Catalogue
     commands: CommandService
+    alarms: AlarmService | None = None
+    notifier: Notifier | None = None
+    lifecycle: LifecycleService | None = None
+    geofences: GeofenceService | None = None
+    maintenance: MaintenanceLoop | None = None
 
     @classmethod
     def open(
@@ -42,8 +60,27 @@ class IngestService:
         influx_password: str | None = None,
         influx_token: str | None = None,
         influx_write_deadline_s: float = 30.0,
+        hazard_rules: bool = True,
+        rules_path: Path | None = None,
+        alarms_config: AlarmsConfig | None = None,
+        webhook: WebhookConfig | None = None,
+        notify_config: NotifyConfig | None = None,
+        mqtt_publish: MqttPublish | None = None,
+        zones_at: ZoneLookup | None = None,
+        clock: Callable[[], int] | None = None,
+        retention: RetentionConfig | None = None,
     ) -> IngestService:
-        """Telemetry goes to InfluxDB when `influx_url` is given, else to the data dir's SQLite store."""
+        """Telemetry goes to InfluxDB when `influx_url` is given, else to the data dir's SQLite store.
+
+        `hazard_rules`: evaluate the rules file (`rules_path`, default the packaged one) on ingest and keep alarms;
+        `webhook`: push alarm notifications there; `mqtt_publish`: also to north/alarms/{vin} through this
+        (blocking, PUBACK-confirmed) publish function of an MQTT connection the caller owns;
+        `zones_at`: the geofence lookup the rules' context uses
+        (default: this service's geofence index);
+        `clock`: the alarm service's clock in unix ms (deadlines, offline rule), for tests.
+        `retention`: raw telemetry retention and rollups (cloud_ingest/retention.py); when given, a maintenance
+        thread enforces it from the start (stopped by `close`). None keeps everything, as tests and tools want.
+        """
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         catalogue = catalogue if catalogue is not None else load_catalogue()
@@ -61,18 +98,57 @@ class IngestService:
                     token=influx_token,
                     write_deadline_s=influx_write_deadline_s,
                 )
-                store = InfluxTimeSeriesStore(settings, catalogue, data_dir / "influx-quarantine.jsonl")
+                store = InfluxTimeSeriesStore(settings, catalogue, data_dir / "influx-quarantine.jsonl", retention)
             else:
-                store = SqliteTimeSeriesStore(data_dir / "telemetry.db", catalogue)
+                store = SqliteTimeSeriesStore(data_dir / "telemetry.db", catalogue, retention)
         except BaseException:
             engine.dispose()
             raise
         pipeline = IngestPipeline(registry, store, catalogue, CollectorRegistry(), replay_window=replay_window)
         # Signs commands with the data dir's cloud key; its acks and status metrics land in the pipeline's registry.
         commands = CommandService(engine, registry, load_or_create_cloud_key(data_dir), pipeline.metrics)
-        app = create_app(registry, store, pipeline, catalogue, commands)
-        return cls(engine, registry, store, pipeline, app, catalogue, commands)
+        # Vehicle and battery life cycles follow every stored batch; the geofence index answers the rules' zone
+        # lookups unless the caller brings its own.
+        lifecycle = LifecycleService(engine, catalogue=catalogue, metrics=pipeline.metrics)
+        pipeline.add_observer(lifecycle)
+        geofences = GeofenceService(engine, metrics=pipeline.metrics)
+        geofences.refresh()
+        zones_at = zones_at if zones_at is not None else geofences.zones_at
+        alarms = notifier = None
+        if hazard_rules:
+            sinks: list[Sink] = [WebhookSink(webhook)] if webhook is not None else []
+            if mqtt_publish is not None:
+                sinks.append(MqttSink(mqtt_publish))
+            # Delivery runs on the wall clock (retry timing), whatever clock the alarm workflow is given.
+            notifier = Notifier(engine, sinks, notify_config, pipeline.metrics)
+            rules = RuleEngine(load_rules(rules_path, catalogue), catalogue)
+            alarms = AlarmService(engine, rules, notifier, alarms_config, zones_at, clock, pipeline.metrics)
+            pipeline.add_observer(alarms)
+        app = create_app(registry, store, pipeline, catalogue, commands, alarms, lifecycle, geofences)
+        service = cls(
+            engine, registry, store, pipeline, app, catalogue, commands, alarms, notifier, lifecycle, geofences
+        )
+        if retention is not None:
+            service.maintenance = MaintenanceLoop(store, retention.every_s, name="telemetry").start()
+        return service
+
+    def start_background(self) -> None:
+        """Start the alarm service's periodic task and the notification dispatchers (stopped by `close`)."""
+        if self.alarms is not None:
+            self.alarms.start()
+        if self.notifier is not None:
+            self.notifier.start()
+        if self.geofences is not None:
+            self.geofences.start()  # polls for fences other processes changed
 
     def close(self) -> None:
+        if self.maintenance is not None:
+            self.maintenance.stop()
+        if self.geofences is not None:
+            self.geofences.close()
+        if self.alarms is not None:
+            self.alarms.stop()
+        if self.notifier is not None:
+            self.notifier.close()
         self.store.close()
         self.engine.dispose()

@@ -3,28 +3,35 @@
 The agent opens `emulator.port` with pyserial as it would /dev/ttyS2. Requests are decoded with the agent's own
 sans-I/O codec (edge_agent.devices.jbd) and answered at once from `model.state_at(clock())`: pack voltage,
 current, SOC and temperature come from the model; cell voltages are derived so they sum to the pack voltage
-(to the millivolt) with a small per-cell spread fixed by the model's seed. Cell count, probe count, capacity and
-barcode default to the model's vehicle variant (13S 24 Ah for the e-bike, 20S 40 Ah for the 72 V motorcycle).
+(to the millivolt) spread as the model's cells are. Cell count, probe count, capacity and barcode default to the
+model's pack and vehicle variant (13S 24 Ah NMC for the e-bike, 20S 40 Ah for the 72 V motorcycle; LFP packs have
+more cells). A swapped-in pack is another pack with its own BMS: its barcode, cells and capacity are the state's.
+While the pack is out (`state.battery_present` false) nobody answers.
 
 Faults, for tests of the client's resilience:
   sleep_after_s       the BMS dozes off after this much silence and drops the request that wakes it (also the
                       very first one) — the wake-up quirk of real boards;
   noise               up to this many random bytes of line noise before each answer;
   bad_checksum_every  every Nth answer carries a wrong checksum;
-  truncate_every      every Nth answer is cut off before its end byte.
-`log` keeps what was answered (bounded), as ground truth.
+  truncate_every      every Nth answer is cut off before its end byte;
+  stuck               {quantity: level} of STUCK_QUANTITIES: the BMS reports that level whatever the model does —
+                      a frozen sensor that keeps talking. Derived values follow it (cells still add up to a stuck
+                      pack voltage, probes step down from a stuck hottest one). Settable while running.
+`log` keeps what was answered (bounded), as ground truth; its states carry the stuck levels, as the answers did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edge_agent.devices.jbd import (
     OP_READ,
@@ -49,6 +56,8 @@ log = logging.getLogger(__name__)
 CELL_SPREAD_MV = 6.0  # amplitude of the per-cell deviation from the mean: a healthy, balanced pack
 PROBE_STEP_C = 0.8  # each further NTC reads this much cooler than the hottest one
 _PRODUCTION_DATE = dt.date(2024, 3, 18)
+# What a BMS measures, as VehicleState names: the quantities that can get stuck in this emulator.
+STUCK_QUANTITIES = frozenset({"pack_voltage_v", "pack_current_a", "soc_pct", "battery_temp_max_c"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,7 @@ class JbdAnswer:
     register: int
     status: int
     payload: bytes  # the payload as built, before any fault was applied
-    fault: str  # "" | "asleep" (dropped) | "bad_checksum" | "truncated" | "write_failed"
+    fault: str  # "" | "asleep" | "absent" (both dropped) | "bad_checksum" | "truncated" | "write_failed"
     state: VehicleState
 
 
@@ -76,11 +85,12 @@ class JbdBmsEmulator:
         noise: int = 0,
         bad_checksum_every: int = 0,
         truncate_every: int = 0,
+        stuck: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.time,
         log_maxlen: int = 1000,
     ) -> None:
         variant = model.variant
-        cells = variant.cells_in_series if cells is None else cells
+        cells = model.cells if cells is None else cells  # the model's pack: its chemistry sets the cell count
         probes = variant.temperature_probes if probes is None else probes
         if not 1 <= cells <= 32 or not 0 <= probes <= 8:
             raise ValueError("cells must be in 1..32 and probes in 0..8")
@@ -88,21 +98,24 @@ class JbdBmsEmulator:
         self.cells = cells
         self.probes = probes
         self.barcode = f"{variant.barcode_prefix}-{model.seed % 1_000_000:06d}" if barcode is None else barcode
-        self.nominal_ah = variant.nominal_ah if nominal_ah is None else nominal_ah
+        self.nominal_ah = model.nominal_ah if nominal_ah is None else nominal_ah
         self.sleep_after_s = sleep_after_s
         self.noise = noise
         self.bad_checksum_every = bad_checksum_every
         self.truncate_every = truncate_every
+        self.stuck = stuck or {}
         self.clock = clock
         self.log: deque[JbdAnswer] = deque(maxlen=log_maxlen)
         self.answers = 0  # answers sent (faulty ones included), the base of the every-N faults
         self.dropped_asleep = 0
+        self.absent = 0  # requests unanswered because the pack was out (a swap)
         self.write_failures = 0
         self.port = ""
         self.decoder = JbdRequestDecoder()
         self._rng = random.Random(model.seed)
         self._cycles = 40 + model.seed % 400
         self._spread = _cell_offsets(cells, model.seed)
+        self._own_barcode = model.packs[0].barcode  # the pack the vehicle came with; others bring their own BMS
         self._last_request_mono: float | None = None
         self._pty = PtyPort(on_data=self._on_data)
 
@@ -115,33 +128,71 @@ class JbdBmsEmulator:
     async def stop(self) -> None:
         self._pty.close()
 
+    @property
+    def stuck(self) -> dict[str, float]:
+        return dict(self._stuck)
+
+    @stuck.setter
+    def stuck(self, levels: Mapping[str, float]) -> None:
+        unknown = set(levels) - STUCK_QUANTITIES
+        if unknown:
+            raise ValueError(f"a BMS cannot have {sorted(unknown)} stuck; it measures {sorted(STUCK_QUANTITIES)}")
+        # Any: every STUCK_QUANTITIES field is a float, which mypy cannot tell from VehicleState's int ones.
+        self._stuck: dict[str, Any] = {name: float(level) for name, level in levels.items()}
+
     # -- what the BMS would say ---------------------------------------------------------------------------
 
+    def measured(self, state: VehicleState) -> VehicleState:
+        """The model's state as this BMS's sensors see it: stuck quantities at their levels."""
+        return dataclasses.replace(state, **self._stuck) if self._stuck else state
+
+    def pack_of(self, state: VehicleState) -> tuple[str, int, float]:
+        """(barcode, cells, nominal Ah) of the pack in the vehicle at `state`: this emulator's configuration while
+        the vehicle's own pack is in, the swapped-in pack's (another pack, another BMS) otherwise."""
+        if not state.battery_barcode or state.battery_barcode == self._own_barcode:
+            return self.barcode, self.cells, self.nominal_ah
+        return state.battery_barcode, state.cell_count or self.cells, state.nominal_ah or self.nominal_ah
+
     def basic_info(self, state: VehicleState) -> BasicInfo:
+        state = self.measured(state)
+        _, cells, nominal_ah = self.pack_of(state)
         top = state.battery_temp_max_c
+        probes = state.probe_temps_c
+        if self.probes and len(probes) >= self.probes and "battery_temp_max_c" not in self._stuck:
+            temps = tuple(probes[: self.probes])  # the model's probes (a hot spot shows on its own probe)
+        else:
+            temps = tuple(top - PROBE_STEP_C * k for k in range(self.probes))
         return BasicInfo(
             voltage_v=state.pack_voltage_v,
             current_a=state.pack_current_a,
-            remaining_ah=self.nominal_ah * state.soc_pct / 100,
-            nominal_ah=self.nominal_ah,
+            remaining_ah=nominal_ah * state.soc_pct / 100,
+            nominal_ah=nominal_ah,
             cycles=self._cycles,
             production_date_raw=production_date_raw(_PRODUCTION_DATE),
             balance_bits=0,
-            protection=0,
+            protection=state.bms_protection,
             version=0x10,
             soc_pct=round(state.soc_pct),
             fet_status=0x03,
-            cell_count=self.cells,
-            temperatures_c=tuple(top - PROBE_STEP_C * k for k in range(self.probes)),
+            cell_count=cells,
+            temperatures_c=temps,
         )
 
     def cell_millivolts(self, state: VehicleState) -> list[int]:
-        """Cell voltages in mV summing exactly to the pack voltage in mV, spread by the seed's fixed offsets."""
-        total = round(state.pack_voltage_v * 1000)
-        exact = [total / self.cells + offset for offset in self._spread]
+        """Cell voltages in mV summing exactly to the pack voltage in mV, spread as the model's cells are (else by
+        the seed's fixed offsets)."""
+        total = round(self.measured(state).pack_voltage_v * 1000)
+        cells = self.pack_of(state)[1]
+        volts = state.cell_voltages_v
+        if len(volts) == cells:
+            mean = sum(volts) / cells
+            spread = [(v - mean) * 1000 for v in volts]
+        else:
+            spread = self._spread if cells == self.cells else _cell_offsets(cells, self.model.seed)
+        exact = [total / cells + offset for offset in spread]
         mv = [math.floor(x) for x in exact]
         # Hand the rounding remainder, one mV each, to the cells that lost the most to floor().
-        by_loss = sorted(range(self.cells), key=lambda i: mv[i] - exact[i])
+        by_loss = sorted(range(cells), key=lambda i: mv[i] - exact[i])
         for i in by_loss[: total - sum(mv)]:
             mv[i] += 1
         return mv
@@ -152,7 +203,7 @@ class JbdBmsEmulator:
         if register == REG_CELL_VOLTAGES:
             return 0, build_cell_voltages([mv / 1000 for mv in self.cell_millivolts(state)])
         if register == REG_BARCODE:
-            return 0, build_barcode(self.barcode)
+            return 0, build_barcode(self.pack_of(state)[0])
         return STATUS_ERROR, b""
 
     # -- I/O ----------------------------------------------------------------------------------------------
@@ -167,7 +218,12 @@ class JbdBmsEmulator:
             self._last_request_mono is None or now_mono - self._last_request_mono > self.sleep_after_s
         )
         self._last_request_mono = now_mono  # any request, even a dropped one, wakes the board
-        state = self.model.state_at(self.clock())
+        state = self.measured(self.model.state_at(self.clock()))
+        if not state.battery_present:
+            # The pack (and its BMS) is out of the vehicle: nobody answers.
+            self.absent += 1
+            self.log.append(JbdAnswer(state.t, request.register, 0, b"", "absent", state))
+            return
         if asleep:
             self.dropped_asleep += 1
             self.log.append(JbdAnswer(state.t, request.register, 0, b"", "asleep", state))

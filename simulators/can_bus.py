@@ -161,7 +161,8 @@ class CanVehicleEmulator:
     def frames(self, state: VehicleState, messages: list[str]) -> list[tuple[str, int | None, dict[str, Value]]]:
         """(message, multiplexer value, catalogue values) of every frame of `messages` describing `state`."""
         out: list[tuple[str, int | None, dict[str, Value]]] = []
-        bms = self._bms_values(state) if any(m.startswith("BMS_") for m in messages) else {}
+        # With the pack out (a swap) its BMS is off the bus.
+        bms = self._bms_values(state) if state.battery_present and any(m.startswith("BMS_") for m in messages) else {}
         mc = self._controller_values(state) if any(m.startswith("MC_") for m in messages) else {}
         values = {**bms, **mc}
         for message in messages:
@@ -169,8 +170,8 @@ class CanVehicleEmulator:
             for group in groups:
                 names = self.codec.signals(message, group)
                 carried = {n: values[n] for n in names if n in values}
-                if group is not None and not carried:
-                    continue  # cells or probes this pack does not have: their groups stay off the bus
+                if not carried and (group is not None or not state.battery_present):
+                    continue  # cells or probes this pack does not have, or a pack that is out: off the bus
                 out.append((message, group, carried))
         return out
 
@@ -202,7 +203,7 @@ class CanVehicleEmulator:
 
     def _controller_values(self, state: VehicleState) -> dict[str, Value]:
         st = self.controller.status(state)
-        cfg = self.controller.config()
+        cfg = self.controller.config(state)
         values: dict[str, Value] = {
             "Speed": st.speed_kmh,
             M + "Speed": st.motor_rpm,

@@ -12,21 +12,26 @@ Faults, for tests of the client's resilience:
   noise                  up to this many random bytes of line noise before each frame;
   bad_checksum_every     every Nth frame sent carries a wrong checksum;
   truncate_every         every Nth frame sent is cut off before its end;
-  tamper_speed_limit_kmh the config reports this speed limit instead (a derestricted controller).
-`log` keeps what was sent (bounded), as ground truth.
+  tamper_speed_limit_kmh the config reports this speed limit instead (a derestricted controller);
+  stuck                  {quantity: level} of STUCK_QUANTITIES: the controller reports that level whatever the
+                         model does — a frozen sensor that keeps talking. Derived values follow it (motor rpm from
+                         a stuck speed, phase current from a stuck pack current). Settable while running.
+`log` keeps what was sent (bounded), as ground truth; its states carry the stuck levels, as the frames did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edge_agent.devices.controller import (
     TYPE_CONFIG,
@@ -48,6 +53,9 @@ PHASE_TO_SUPPLY = 1.6  # phase current exceeds the DC current at part duty cycle
 ACCEL_WINDOW_S = 0.5  # the speed change over this window decides "braking"
 BRAKE_DECEL_KMH_S = 0.5
 INCH_M = 0.0254
+# What a controller measures, as VehicleState names: the quantities that can get stuck in this emulator. Its
+# supply current is the pack's discharge current, so a stuck pack_current_a is a stuck current sensor.
+STUCK_QUANTITIES = frozenset({"speed_kmh", "motor_temp_c", "controller_temp_c", "pack_current_a"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,7 @@ class ControllerEmulator:
         bad_checksum_every: int = 0,
         truncate_every: int = 0,
         tamper_speed_limit_kmh: float | None = None,
+        stuck: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.time,
         log_maxlen: int = 1000,
     ) -> None:
@@ -100,6 +109,7 @@ class ControllerEmulator:
         self.bad_checksum_every = bad_checksum_every
         self.truncate_every = truncate_every
         self.tamper_speed_limit_kmh = tamper_speed_limit_kmh
+        self.stuck = stuck or {}
         self.clock = clock
         self.log: deque[ControllerSent] = deque(maxlen=log_maxlen)
         self.sent = 0  # frames sent (faulty ones included), the base of the every-N faults
@@ -126,18 +136,44 @@ class ControllerEmulator:
                 await asyncio.wait_for(task, timeout=2.0)
         self._pty.close()
 
+    @property
+    def stuck(self) -> dict[str, float]:
+        return dict(self._stuck)
+
+    @stuck.setter
+    def stuck(self, levels: Mapping[str, float]) -> None:
+        unknown = set(levels) - STUCK_QUANTITIES
+        if unknown:
+            raise ValueError(
+                f"a controller cannot have {sorted(unknown)} stuck; it measures {sorted(STUCK_QUANTITIES)}"
+            )
+        # Any: every STUCK_QUANTITIES field is a float, which mypy cannot tell from VehicleState's int ones.
+        self._stuck: dict[str, Any] = {name: float(level) for name, level in levels.items()}
+
     # -- what the controller would say --------------------------------------------------------------------
 
-    def status(self, state: VehicleState) -> ControllerStatus:
-        earlier = self.model.state_at(state.t - ACCEL_WINDOW_S)
-        accel_kmh_s = (state.speed_kmh - earlier.speed_kmh) / ACCEL_WINDOW_S
+    def measured(self, state: VehicleState) -> VehicleState:
+        """The model's state as this controller's sensors see it: stuck quantities at their levels."""
+        return dataclasses.replace(state, **self._stuck) if self._stuck else state
+
+    def status(self, state: VehicleState, earlier: VehicleState | None = None) -> ControllerStatus:
+        """`earlier`: a state shortly before, if the caller has one (else the model is asked ACCEL_WINDOW_S back)."""
+        state = self.measured(state)
+        if earlier is None or not 0.0 < state.t - earlier.t <= 2.0:
+            earlier = self.model.state_at(state.t - ACCEL_WINDOW_S)
+        # From the same sensors: a stuck speed is no acceleration, so it never reads as braking.
+        earlier = self.measured(earlier)
+        accel_kmh_s = (state.speed_kmh - earlier.speed_kmh) / (state.t - earlier.t)
         supply_a = -state.pack_current_a  # the pack's discharge current is what the controller draws
         braking = accel_kmh_s < -BRAKE_DECEL_KMH_S
         driving = not braking and supply_a > self.idle_current_a + 0.2
         throttle = min(100, round(100 * supply_a / self.max_current_a)) if driving else 0
-        wheel_rpm = state.speed_kmh / 3.6 / (math.pi * self.wheel_inch * INCH_M) * 60.0
+        # The wheel turns at the speed over ground (not at all while the vehicle is carried); the controller
+        # computes its speed from that rpm and its *configured* wheel, which a tampered one has too small.
+        ground_kmh = 0.0 if state.carried else state.speed_kmh
+        wheel_rpm = ground_kmh / 3.6 / (math.pi * self.wheel_inch * INCH_M) * 60.0
         return ControllerStatus(
-            speed_kmh=state.speed_kmh,
+            speed_kmh=ground_kmh * (state.wheel_inch_cfg or self.wheel_inch) / self.wheel_inch,
             motor_rpm=round(wheel_rpm),
             phase_current_a=PHASE_TO_SUPPLY * (supply_a - self.idle_current_a),
             supply_current_a=supply_a,
@@ -149,10 +185,15 @@ class ControllerEmulator:
             assist_level=self.assist_level,
         )
 
-    def config(self) -> ControllerConfig:
+    def config(self, state: VehicleState | None = None) -> ControllerConfig:
+        """The configuration as read out; `state` carries a reconfiguration injected into the model (faults)."""
         limit = self.speed_limit_kmh if self.tamper_speed_limit_kmh is None else self.tamper_speed_limit_kmh
+        wheel = self.wheel_inch
+        if state is not None:
+            limit = state.speed_limit_cfg_kmh or limit
+            wheel = state.wheel_inch_cfg or wheel
         return ControllerConfig(
-            speed_limit_kmh=limit, wheel_inch=self.wheel_inch, pole_pairs=self.pole_pairs, firmware=self.firmware
+            speed_limit_kmh=limit, wheel_inch=wheel, pole_pairs=self.pole_pairs, firmware=self.firmware
         )
 
     # -- I/O ----------------------------------------------------------------------------------------------
@@ -161,7 +202,7 @@ class ControllerEmulator:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            state = self.model.state_at(self.clock())
+            state = self.measured(self.model.state_at(self.clock()))
             self._send(TYPE_STATUS, build_status(self.status(state)), state)
             next_at += self.period_s
             now = loop.time()
@@ -173,7 +214,8 @@ class ControllerEmulator:
         for request in self.decoder.feed(data):
             if request.type == TYPE_READ_CONFIG:
                 self.config_reads += 1
-                self._send(TYPE_CONFIG, build_config(self.config()), self.model.state_at(self.clock()))
+                state = self.measured(self.model.state_at(self.clock()))
+                self._send(TYPE_CONFIG, build_config(self.config(state)), state)
 
     def _send(self, frame_type: int, payload: bytes, state: VehicleState) -> None:
         frame = bytearray(encode_frame(frame_type, payload))

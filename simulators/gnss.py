@@ -20,11 +20,11 @@ import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
-from simulators.nmea import RECEIVERS, Receiver, SkyModel, TruthFix, encode_epoch, legacy_receiver
+from simulators.nmea import RECEIVERS, Receiver, SkyModel, TruthFix, encode_epoch, legacy_receiver, sentence
 from simulators.pty_port import PtyPort
 from simulators.vehicle import VehicleModel
 
-__all__ = ["GnssEmulator", "TruthFix"]
+__all__ = ["GnssEmulator", "TruthFix", "no_fix_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class GnssEmulator:
         self.truth: deque[TruthFix] = deque(maxlen=truth_maxlen)
         self.epochs_written = 0
         self.dropped_epochs = 0
+        self.no_fix_epochs = 0  # written while the model's receiver had no fix (not in `truth`)
         self.port = ""
         self._sky = SkyModel(model.seed)
         self._pty = PtyPort()  # write-only: a receiver streams and ignores what it is sent
@@ -103,6 +104,13 @@ class GnssEmulator:
             return
         when = datetime.fromtimestamp(epoch_ms // 1000, UTC) + timedelta(milliseconds=epoch_ms % 1000)
         state = self.model.state_at(epoch_ms / 1000.0)
+        if not state.gnss_fix:
+            # Jammed or antenna cut: the receiver still keeps time, but reports no position.
+            if self._pty.write(no_fix_epoch(when, self.receiver.talker)):
+                self.no_fix_epochs += 1
+            else:
+                self.dropped_epochs += 1
+            return
         encoded = encode_epoch(state, when, self._sky.at(state.t), receiver=self.receiver)
         # One write per epoch: the port either takes it whole (perhaps finishing it later) or drops it whole.
         if not self._pty.write(b"".join(encoded.sentences)):
@@ -110,3 +118,11 @@ class GnssEmulator:
             return
         self.epochs_written += 1
         self.truth.append(encoded.truth)
+
+
+def no_fix_epoch(when: datetime, talker: str = "GN") -> bytes:
+    """What a receiver without a fix writes each epoch: RMC void (status V, mode N) and GGA with quality 0 and
+    no satellites — time and date, no position."""
+    hms = f"{when.hour:02d}{when.minute:02d}{when.second:02d}.{when.microsecond // 10_000:02d}"
+    dmy = f"{when.day:02d}{when.month:02d}{when.year % 100:02d}"
+    return sentence(f"{talker}RMC,{hms},V,,,,,,,{dmy},,,N,V") + sentence(f"{talker}GGA,{hms},,,,,0,00,99.99,,,,,,")

@@ -104,6 +104,12 @@ class Route:
         self._headings = headings
         self._grades = grades
 
+    @property
+    def segment_starts_m(self) -> tuple[float, ...]:
+        """Distance of each waypoint from the first one along the loop, then the loop's length (len + 1 values).
+        Waypoint coordinates, not offset by `start_offset_m`."""
+        return tuple(self._starts)
+
     def position_at(self, s: float) -> RoutePoint:
         """The point `s` metres from this route's start offset, travelling in waypoint order."""
         d = (s + self.start_offset_m) % self.length_m

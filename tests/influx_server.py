@@ -36,7 +36,8 @@ def require_influxd() -> None:
 def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxProcess]:
     require_influxd()
     workdir = tmp_path_factory.mktemp("influxd")
-    server = InfluxProcess(workdir).start()
+    # Retention checked every second, so tests see expired shard groups go (tests/test_retention.py).
+    server = InfluxProcess(workdir, retention_check_interval="1s").start()
     try:
         yield server
     finally:

@@ -374,3 +374,74 @@ def test_source_start_tolerates_a_missing_port(tmp_path: Path) -> None:
         assert source.counters["reconnects"] == 0
 
     asyncio.run(run())
+
+
+# -- stuck values (fault injection) --------------------------------------------------------------------------
+
+stuck_levels = st.fixed_dictionaries(
+    {},
+    optional={
+        "speed_kmh": st.floats(0.0, 90.0),
+        "motor_temp_c": st.floats(-20.0, 150.0),
+        "controller_temp_c": st.floats(-20.0, 120.0),
+        "pack_current_a": st.floats(-60.0, 30.0),
+    },
+)
+
+
+@given(stuck_levels, st.floats(0.0, 7200.0))
+def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels: dict[str, float], t: float) -> None:
+    model = _model(4)
+    emulator = ControllerEmulator(model, stuck=levels)
+    state = model.state_at(model.start_time + t)
+    measured = {n: getattr(state, n) for n in ("speed_kmh", "motor_temp_c", "controller_temp_c", "pack_current_a")}
+    measured.update(levels)
+    status = parse_status(build_status(emulator.status(state)))
+    assert status.speed_kmh == pytest.approx(measured["speed_kmh"], abs=0.05 + 1e-9)
+    assert status.motor_temp_c == pytest.approx(measured["motor_temp_c"], abs=0.05 + 1e-9)
+    assert status.controller_temp_c == pytest.approx(measured["controller_temp_c"], abs=0.05 + 1e-9)
+    assert status.supply_current_a == pytest.approx(-measured["pack_current_a"], abs=0.05 + 1e-9)
+    # Derived values follow the stuck level: the hub motor's rpm is that of the speed the controller reports.
+    circumference_m = 3.141592653589793 * emulator.wheel_inch * 0.0254
+    assert status.motor_rpm == round(measured["speed_kmh"] / 3.6 / circumference_m * 60)
+    if "speed_kmh" in levels:
+        assert not status.brake  # a speed that does not change is no deceleration
+
+
+def test_only_what_a_controller_measures_can_be_stuck() -> None:
+    with pytest.raises(ValueError, match="soc_pct"):
+        ControllerEmulator(_model(1), stuck={"soc_pct": 50.0})
+    emulator = ControllerEmulator(_model(1))
+    with pytest.raises(ValueError, match="heading_deg"):
+        emulator.stuck = {"heading_deg": 0.0}
+    assert emulator.stuck == {}
+
+
+def test_source_reads_the_stuck_values_while_the_model_moves_on() -> None:
+    async def run() -> None:
+        model = _model(5)
+        emulator = ControllerEmulator(model, period_s=0.05, stuck={"speed_kmh": 12.3, "controller_temp_c": 96.0})
+        await emulator.start()
+        source = ControllerSource(emulator.port, config_poll_s=0.3, timeout_s=0.2)
+        await source.start()
+        try:
+            await _wait_for(lambda: source.counters["status_frames"] >= 10, 5.0)
+            await _wait_for(lambda: M + "PolePairs" in source.read(time.time()), 5.0)
+            frozen = source.read(time.time())
+            emulator.stuck = {}  # the sensor recovers: the source follows the model again
+            sent_frozen = _sent(emulator, TYPE_STATUS)
+            await _wait_for(lambda: source.read(time.time()).get(M + "ControllerTemperature") != 96.0, 5.0)
+            recovered = source.read(time.time())
+        finally:
+            await source.stop()
+            await emulator.stop()
+        # The model itself is elsewhere: what the agent read comes from the stuck sensors.
+        truth = [model.state_at(s.t) for s in sent_frozen]
+        assert all(abs(s.speed_kmh - 12.3) > 1 and s.controller_temp_c < 80 for s in truth)
+        assert frozen["Speed"] == 12.3 and frozen[M + "ControllerTemperature"] == 96.0
+        assert frozen["Chassis.Brake.IsEngaged"] is False
+        _check_against_emulator(frozen, emulator)  # rpm from the stuck speed; current and motor temperature live
+        _check_against_emulator(recovered, emulator)
+        assert float(recovered[M + "ControllerTemperature"]) < 80
+
+    asyncio.run(run())

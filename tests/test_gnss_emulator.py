@@ -214,8 +214,8 @@ def _check_state_invariants(model: VehicleModel, t: float) -> None:
     assert 0.0 <= s.heading_deg < 360.0
     assert 42.0 <= s.pack_voltage_v <= 54.6
     assert 0.0 <= s.soc_pct <= 100.0
-    if s.speed_kmh == 0.0:
-        assert -1.0 < s.pack_current_a < 0.0  # standing at a light: only the idle draw
+    if s.speed_kmh == 0.0 and s.activity != "charging":
+        assert -1.0 < s.pack_current_a <= 0.0  # standing at a light or parked: only the idle draw (0 mid-swap)
     signals = model.signals(s)
     for name, value in signals.items():
         assert CATALOGUE.by_name(name).in_range(value), (name, value)
@@ -242,7 +242,8 @@ def test_two_hours_of_riding_stay_in_chongqing_and_in_range() -> None:
         # Accelerating draws from the pack — except when a steep descent does most of the work.
         assert drawing >= 0.8 * accelerating
         assert stops >= 20, "a city ride stops at lights"
-        assert 25_000 <= prev.distance_m <= 60_000  # 12-30 km/h on average, stops included
+        # 7.5-30 km/h on average: a legal e-bike (25 km/h limiter) with lights and a courier's delivery stops.
+        assert 15_000 <= prev.distance_m <= 60_000
         assert model.state_at(T0 + 7200).soc_pct != model.state_at(T0).soc_pct
 
 

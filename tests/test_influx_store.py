@@ -217,6 +217,30 @@ def test_rejected_data_is_quarantined_and_the_rest_lands(stores: Stores) -> None
     assert store.stats()["quarantined_lines"] == 4
 
 
+def test_fleet_state_policy_dropped_under_the_store_is_made_again(stores: Stores) -> None:
+    store = stores.open()
+    store.write_many([(VIN, Batch([1], {SOC: [1.0]}))])
+    stores.server.query(f'DROP RETENTION POLICY "zhilian_state" ON "{stores.database}"')
+    # The state write answers 500 "retention policy not found": the store sets its policies up again and retries.
+    assert store.write_many([(VIN, Batch([2], {SOC: [2.0]}))]) == 1
+    assert [(e.vin, e.ts, e.values) for e in store.fleet_snapshot([SOC])] == [(VIN, 2, {SOC: 2.0})]
+    assert store.stats()["state_errors"] == 0
+
+
+def test_a_failing_fleet_state_write_does_not_fail_stored_samples(stores: Stores) -> None:
+    # An operator-made database without the state policy, and an account that may not create it: the samples are
+    # stored and acknowledged; the state failure is counted and logged, the snapshot lacks the vehicle.
+    stores.server.query(f'CREATE DATABASE "{stores.database}"')
+    store = stores.open(create_database=False, write_deadline_s=1.0)
+    assert store.write_many([(VIN, Batch([1, 2], {SOC: [1.0, 2.0]}))]) == 2
+    assert store.query(VIN, 0, END, [SOC], 10).timestamps == [1, 2]
+    assert store.stats()["state_errors"] == 1 and store.fleet_snapshot([SOC]) == []
+    # Once the policy exists, the next samples bring the vehicle's state back (it was forgotten, so in full).
+    stores.server.query(f'CREATE RETENTION POLICY "zhilian_state" ON "{stores.database}" DURATION INF REPLICATION 1')
+    store.write_many([(VIN, Batch([3], {SOC: [3.0], CYCLES: [7]}))])
+    assert [(e.ts, e.values) for e in store.fleet_snapshot([SOC, CYCLES])] == [(3, {SOC: 3.0, CYCLES: 7})]
+
+
 def test_a_missing_database_is_not_bad_data(stores: Stores) -> None:
     store = stores.open()
     store.write_many([(VIN, Batch([1], {SOC: [1.0]}))])
@@ -236,7 +260,9 @@ def test_large_calls_are_split_and_concurrent_calls_coalesced(stores: Stores) ->
     chunked = stores.open(max_lines=7, linger_s=0)
     rows = list(range(100, 150))
     assert chunked.write_many([(VIN, Batch(rows, {SOC: [1.0] * len(rows)}))]) == 50
-    assert chunked.stats()["requests"] == 8  # ceil(50 / 7)
+    # ceil(50 / 7) for the samples, then one for the fleet state
+    assert chunked.stats()["requests"] - chunked.stats()["state_requests"] == 8
+    assert chunked.stats()["state_requests"] == 1
     assert chunked.query(VIN, 0, END, [SOC], 100).timestamps == rows
 
     # Four single-row callers and a linger longer than the test: the request leaves when it is full, once.
@@ -255,7 +281,7 @@ def test_large_calls_are_split_and_concurrent_calls_coalesced(stores: Stores) ->
     for t in threads:
         t.join(timeout=60)
     assert not errors and not any(t.is_alive() for t in threads)
-    assert coalescing.stats()["requests"] == 1
+    assert coalescing.stats()["requests"] - coalescing.stats()["state_requests"] == 1
     assert coalescing.query("LZHINFLUXCOAL0001", 0, END, [SOC], 10).timestamps == [0, 1, 2, 3]
 
 

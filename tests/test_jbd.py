@@ -362,3 +362,78 @@ def test_source_start_tolerates_a_missing_port(tmp_path: Path) -> None:
         assert source.counters["reconnects"] == 0
 
     asyncio.run(run())
+
+
+# -- stuck values (fault injection) --------------------------------------------------------------------------
+
+stuck_levels = st.fixed_dictionaries(
+    {},
+    optional={
+        "pack_voltage_v": st.floats(30.0, 90.0),
+        "pack_current_a": st.floats(-60.0, 30.0),
+        "soc_pct": st.floats(0.0, 100.0),
+        "battery_temp_max_c": st.floats(-20.0, 80.0),
+    },
+)
+
+
+@given(stuck_levels, st.floats(0.0, 7200.0))
+def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels: dict[str, float], t: float) -> None:
+    model = _model(4)
+    emulator = JbdBmsEmulator(model, cells=16, probes=3, stuck=levels)
+    state = model.state_at(model.start_time + t)
+    measured = {**{n: getattr(state, n) for n in ("pack_voltage_v", "pack_current_a", "soc_pct")}, **levels}
+    measured.setdefault("battery_temp_max_c", state.battery_temp_max_c)
+    info = parse_basic_info(build_basic_info(emulator.basic_info(state)))
+    assert info.voltage_v == pytest.approx(measured["pack_voltage_v"], abs=0.005 + 1e-9)
+    assert info.current_a == pytest.approx(measured["pack_current_a"], abs=0.005 + 1e-9)
+    assert info.soc_pct == round(measured["soc_pct"])
+    assert max(info.temperatures_c) == pytest.approx(measured["battery_temp_max_c"], abs=0.05 + 1e-9)
+    # Derived values follow the stuck level: the cells still add up to the pack the BMS reports.
+    assert sum(emulator.cell_millivolts(state)) == round(measured["pack_voltage_v"] * 1000)
+
+
+def test_only_what_a_bms_measures_can_be_stuck() -> None:
+    with pytest.raises(ValueError, match="speed_kmh"):
+        JbdBmsEmulator(_model(1), stuck={"speed_kmh": 0.0})
+    emulator = JbdBmsEmulator(_model(1))
+    with pytest.raises(ValueError, match="lat"):
+        emulator.stuck = {"lat": 0.0}
+    assert emulator.stuck == {}
+
+
+def test_source_reads_the_stuck_values_while_the_model_moves_on() -> None:
+    async def run() -> None:
+        model = _model(5)
+        emulator = JbdBmsEmulator(model, cells=13, probes=3, stuck={"soc_pct": 3.0, "battery_temp_max_c": 61.5})
+        await emulator.start()
+        source = JbdBmsSource(emulator.port, poll_interval_s=0.1, timeout_s=0.2)
+        await source.start()
+        try:
+            await _wait_for(lambda: source.counters["polls"] >= 4, 5.0)
+            frozen = source.read(time.time())
+            answered = _answered(emulator, REG_BASIC_INFO)
+            # The model itself is nowhere near those levels: what the agent reads comes from the stuck sensor.
+            truth = [model.state_at(a.t) for a in answered]
+            assert all(round(s.soc_pct) != 3 and s.battery_temp_max_c < 55 for s in truth)
+            assert frozen[P + "StateOfCharge"] == 3 and frozen[P + "Temperature.Max"] == 61.5
+            probes = [float(frozen[P + f"Temperature.Probe{i}"]) for i in (1, 2, 3)]
+            assert max(probes) == 61.5  # the probes follow the stuck hottest one
+            _check_against_emulator(frozen, emulator)  # pack voltage and current still follow the model
+            # Released while running, and another quantity freezes: the source follows at its next polls.
+            emulator.stuck = {"pack_voltage_v": 44.444}
+
+            def cells_sum_mv() -> int:
+                values = source.read(time.time())
+                return round(sum(float(values.get(f"{P}CellVoltage.Cell{i}", 0)) for i in range(1, 14)) * 1000)
+
+            await _wait_for(lambda: source.read(time.time()).get(P + "CurrentVoltage") == 44.44, 5.0)
+            await _wait_for(lambda: cells_sum_mv() == 44_444, 5.0)  # the cells add up to the stuck pack voltage
+            values = source.read(time.time())
+        finally:
+            await source.stop()
+            await emulator.stop()
+        assert values[P + "CurrentVoltage"] == 44.44
+        assert values[P + "StateOfCharge"] == round(emulator.log[-1].state.soc_pct) != 3
+
+    asyncio.run(run())

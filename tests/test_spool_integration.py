@@ -1,5 +1,6 @@
-"""Store-and-forward against real processes: a `zhilian agent` SIGKILLed over and over loses and duplicates nothing
-it spooled; a broker outage is bridged by the spool, and the backlog arrives complete, in order, flagged BACKFILL."""
+"""Store-and-forward against real processes: a `zhilian agent` SIGKILLed over and over, talking to a Mosquitto with
+mutual TLS and the per-device ACL (as in production), loses and duplicates nothing it spooled; a broker outage is
+bridged by the spool, and the backlog arrives complete, in order, flagged BACKFILL."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from protocol import DeviceKey, Envelope, Flags, decode_batch, load_catalogue, p
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
 from simulators.vehicle import VehicleModel
-from tests.conftest import running_stack, wait_until
-from zhilian.broker import MosquittoProcess, free_port
+from tests.conftest import ClientTls, running_stack, wait_until
+from zhilian import pki
+from zhilian.broker import MosquittoProcess, TlsFiles, free_port
 
 pytestmark = pytest.mark.integration
 CAT = load_catalogue()
@@ -86,12 +88,39 @@ def _count_lines(log_path: Path, msg: str) -> int:
     return log_path.read_text(encoding="utf-8", errors="replace").count(f'"msg": "{msg}"')
 
 
-def test_kill_9_loses_and_duplicates_nothing_that_was_spooled(tmp_path: Path, mosquitto: MosquittoProcess) -> None:
-    asyncio.run(_kill_scenario(tmp_path, mosquitto))
+KILL_VIN = "LZHKILL9000000001"
 
 
-async def _kill_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
-    vin = "LZHKILL9000000001"
+@dataclass(frozen=True)
+class TlsBroker:
+    broker: MosquittoProcess
+    device: ClientTls  # CN = KILL_VIN: the ACL confines it to ev/KILL_VIN/
+    bridge: ClientTls
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
+    """Mosquitto as deployed (deploy/mosquitto): TLS listener, client certificates required, CN = identity, ACL."""
+    ca = pki.make_ca(tmp_path / "pki" / "ca")
+    server = pki.issue_server_cert(ca, tmp_path / "pki" / "server", ["127.0.0.1"])
+    device = pki.issue_client_cert(ca, tmp_path / "pki" / "clients", KILL_VIN)
+    bridge = pki.issue_client_cert(ca, tmp_path / "pki" / "clients", pki.BRIDGE_CN)
+    broker = MosquittoProcess(tmp_path / "mosquitto", tls=TlsFiles(ca.cert, server.cert, server.key)).start()
+    try:
+        yield TlsBroker(
+            broker, ClientTls(ca.cert, device.cert, device.key), ClientTls(ca.cert, bridge.cert, bridge.key)
+        )
+    finally:
+        broker.stop()
+
+
+def test_kill_9_loses_and_duplicates_nothing_that_was_spooled(tmp_path: Path, tls_broker: TlsBroker) -> None:
+    asyncio.run(_kill_scenario(tmp_path, tls_broker))
+
+
+async def _kill_scenario(tmp_path: Path, tls: TlsBroker) -> None:
+    broker = tls.broker
+    vin = KILL_VIN
     key_file = tmp_path / "device.key"
     key = DeviceKey.generate()
     key.save(key_file)
@@ -105,6 +134,7 @@ async def _kill_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
         sys.executable, "-m", "zhilian", "agent",
         "--vin", vin, "--key-file", str(key_file), "--state-dir", str(state),
         "--gnss-port", emulator.port, "--batch-interval", str(BATCH_INTERVAL_S), "--log-level", "debug",
+        "--tls-ca", str(tls.device.ca), "--tls-cert", str(tls.device.cert), "--tls-key", str(tls.device.key),
     ]  # fmt: skip
     nobody = free_port()  # nothing listens there: lives pointed at it spool and never send
 
@@ -117,7 +147,7 @@ async def _kill_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     spooled: dict[int, SpooledBatch] = {}
     proc: asyncio.subprocess.Process | None = None
     try:
-        async with running_stack(tmp_path / "ingest", broker) as stack:
+        async with running_stack(tmp_path / "ingest", broker, tls=tls.bridge) as stack:
             stack.service.registry.register_device(vin, key.public_raw)
             found_after_kill = 0
             for life in range(KILLS):
@@ -138,7 +168,11 @@ async def _kill_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
 
             taken_by_killed = len(_logged_batches(log_path)) if log_path.exists() else 0
             # A clean run: it sends what the killed ones left, then, with the receiver silent, empties its spool.
+            # Running (its port open) before anything is judged: a loaded machine may take seconds to start it, and
+            # the spool the killed ones left may already be empty.
+            opened = _count_lines(log_path, "gnss port open")
             proc = await spawn(broker.port)
+            await wait_until(lambda: _count_lines(log_path, "gnss port open") > opened, timeout=30)
             await asyncio.sleep(3.0)
             await emulator.stop()
 

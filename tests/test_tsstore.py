@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from cloud_ingest import line_protocol as lp
 from cloud_ingest.errors import QueryError, StorageError, UnknownSignalError
 from cloud_ingest.influx_store import InfluxSettings, InfluxTimeSeriesStore
+from cloud_ingest.retention import RetentionConfig
 from cloud_ingest.tsstore import SqliteTimeSeriesStore, TimeSeriesStore
 from protocol import Batch, Catalogue, Signal, SignalType, load_catalogue
 from zhilian.influx import InfluxProcess
@@ -39,20 +40,22 @@ StoreFactory = Callable[..., TimeSeriesStore]
 
 @pytest.fixture(params=["sqlite", "influx"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Opens a store of the parametrised backend; every call opens the same storage (a reopen), closed at the end."""
+    """Opens a store of the parametrised backend; every call opens the same storage (a reopen), closed at the end.
+
+    Shared by the query and retention suites (tests/test_queries.py, tests/test_retention.py)."""
     opened: list[TimeSeriesStore] = []
     if request.param == "sqlite":
 
-        def make(catalogue: Catalogue = CAT) -> TimeSeriesStore:
-            opened.append(SqliteTimeSeriesStore(tmp_path / "ts.db", catalogue))
+        def make(catalogue: Catalogue = CAT, retention: RetentionConfig | None = None) -> TimeSeriesStore:
+            opened.append(SqliteTimeSeriesStore(tmp_path / "ts.db", catalogue, retention))
             return opened[-1]
     else:
         server: InfluxProcess = request.getfixturevalue("influxd")
         database: str = request.getfixturevalue("influx_database")
 
-        def make(catalogue: Catalogue = CAT) -> TimeSeriesStore:
+        def make(catalogue: Catalogue = CAT, retention: RetentionConfig | None = None) -> TimeSeriesStore:
             settings = InfluxSettings(server.url, database=database)
-            opened.append(InfluxTimeSeriesStore(settings, catalogue, tmp_path / "quarantine.jsonl"))
+            opened.append(InfluxTimeSeriesStore(settings, catalogue, tmp_path / "quarantine.jsonl", retention))
             return opened[-1]
 
     yield make

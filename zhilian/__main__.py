@@ -1,3 +1,5 @@
-from zhilian.cli import main
+import sys
 
-main()
+from zhilian.entry import main
+
+sys.exit(main())

@@ -64,8 +64,11 @@ def _time(fn: Callable[[], object], min_time: float = 0.2, rounds: int = 5) -> f
     return statistics.median(per_call)
 
 
-def run_benchmarks(console: Console | None = None, store_seconds: float = 30.0) -> dict[str, Any]:
-    """`store_seconds`: how long each time-series backend is fed in the sustained-ingest case (0: skip it)."""
+def run_benchmarks(
+    console: Console | None = None, store_seconds: float = 30.0, geo_fences: int = 100_000
+) -> dict[str, Any]:
+    """`store_seconds`: how long each time-series backend is fed in the sustained-ingest case (0: skip it);
+    `geo_fences`: fences in the geofence lookup case (zhilian/bench_geo.py; 0: skip it)."""
     console = console or Console()
     cat = load_catalogue()
     key = DeviceKey.generate()
@@ -88,7 +91,8 @@ def run_benchmarks(console: Console | None = None, store_seconds: float = 30.0) 
     for name, (fn, samples) in cases.items():
         sec = _time(fn)
         results["cases"][name] = {"us_per_call": sec * 1e6, "samples_per_s": samples / sec}
-    results["cases"]["pipeline ingest into SQLite (200 msgs/commit)"] = _bench_pipeline(key, cat)
+    results["cases"]["pipeline ingest into SQLite (200 msgs/commit)"] = _bench_pipeline(key, cat, hazard_rules=False)
+    results["cases"]["same, hazard rules + alarms on"] = _bench_pipeline(key, cat, hazard_rules=True)
     results["cases"]["rule engine, all rules on (per sample)"] = _bench_rules()
     results["decoders"] = _bench_decoders()
     table = Table(title=f"zhilian bench — envelope {len(wire)} B, body {len(body)} B for {SAMPLES_PER_BATCH} samples")
@@ -105,6 +109,10 @@ def run_benchmarks(console: Console | None = None, store_seconds: float = 30.0) 
     for name, r in results["decoders"].items():
         dec.add_row(name, f"{r['units_per_s']:,.0f} {r['unit']}", f"{r['mb_per_s']:.2f}")
     console.print(dec)
+    if geo_fences > 0:
+        from zhilian.bench_geo import run_geo_benchmarks
+
+        results["geofences"] = run_geo_benchmarks(console, fences=geo_fences)
     if store_seconds > 0:
         from zhilian.bench_store import run_store_benchmarks
 
@@ -240,12 +248,13 @@ def _bench_rules() -> dict[str, float]:
     return {"us_per_call": sec / len(rows) * 1e6, "samples_per_s": len(rows) / sec}
 
 
-def _bench_pipeline(key: DeviceKey, cat: Any) -> dict[str, float]:
+def _bench_pipeline(key: DeviceKey, cat: Any, hazard_rules: bool) -> dict[str, float]:
+    """`hazard_rules`: the rule engine runs inside the ledger commit, with rule state and alarms persisted."""
     from cloud_ingest.service import IngestService
 
     vin = "LZHBENCH000000001"
     with tempfile.TemporaryDirectory() as tmp:
-        svc = IngestService.open(Path(tmp))
+        svc = IngestService.open(Path(tmp), hazard_rules=hazard_rules)
         try:
             svc.registry.register_device(vin, key.public_raw)
             per_commit, commits = 200, 10

@@ -93,6 +93,9 @@ class MosquittoProcess:
         return "\n".join(
             [
                 f"listener {self.port} {self.host}",
+                # Unlimited (the default, stated): the load bench holds 10,000 vehicle connections; the open-file
+                # limit mosquitto inherits from its parent is the real bound (raise_nofile_limit in the bench).
+                "max_connections -1",
                 # Started as root (containers, CI), mosquitto would drop to the `mosquitto` user, which cannot
                 # read our private temp dir (log, TLS key at 0600): stay whoever started us.
                 f"user {getpass.getuser()}",

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
-import signal
-import sys
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
+from zhilian.entry import run_agent
+from zhilian.entry import run_until_stopped as _run
+from zhilian.entry import setup_logging as _logging
 from zhilian.provision import device_app
 
 app = typer.Typer(help="Zhilian: telemetry for smart-connected electric two-wheelers.", no_args_is_help=True)
@@ -27,31 +28,6 @@ app.add_typer(spec_app, name="spec")
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(device_app, name="device")
 console = Console()
-
-
-class _JsonFormatter(logging.Formatter):
-    _skip = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        doc.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-def _logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    if level.lower() != "debug":
-        # httpx logs every request at info; the InfluxDB store makes several a second.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")]
@@ -88,9 +64,14 @@ InfluxToken = Annotated[
 def _store_options(
     url: str | None, db: str, username: str | None, password: str | None, token: str | None
 ) -> dict[str, object]:
+    from cloud_ingest.retention import RetentionConfig
+
+    # Raw telemetry 30 days, 1-minute rollups 2 years, unless ZHILIAN_RAW_RETENTION_DAYS/..._ROLLUP_... say otherwise.
+    retention: dict[str, object] = {"retention": RetentionConfig.from_env(os.environ)}
     if url is None:
-        return {}
+        return retention
     return {
+        **retention,
         "influx_url": url,
         "influx_db": db,
         "influx_username": username,
@@ -99,19 +80,37 @@ def _store_options(
     }
 
 
-def _run(coro_fn) -> None:  # type: ignore[no-untyped-def]
-    """Run an async entry point with SIGINT/SIGTERM mapped onto its stop event."""
+RulesFile = Annotated[
+    Path | None,
+    typer.Option("--rules", envvar="ZHILIAN_RULES", help="hazard rules file (default: the packaged one, RULES.md)"),
+]
+WebhookUrl = Annotated[
+    str | None, typer.Option("--webhook-url", envvar="ZHILIAN_WEBHOOK_URL", help="POST alarm notifications here")
+]
+WebhookSecret = Annotated[
+    str | None,
+    typer.Option(
+        "--webhook-secret",
+        envvar="ZHILIAN_WEBHOOK_SECRET",
+        help="HMAC-SHA256 key of the X-Zhilian-Signature header; prefer the env var",
+    ),
+]
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        # Not zhilian.serve's helper: importing it pulls in FastAPI and SQLAlchemy (≈ 1 s, tens of MB), which
-        # `zhilian agent` on a board must not pay for.
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await coro_fn(stop)
 
-    asyncio.run(main())
+def _alarm_options(rules: Path | None, webhook_url: str | None, webhook_secret: str | None) -> dict[str, object]:
+    """IngestService.open arguments of the hazard rules and alarm notifications (every process of a deployment
+    that ingests or runs the API must get the same ones: notifications are queued by the process that decided)."""
+    options: dict[str, object] = {}
+    if rules is not None:
+        options["rules_path"] = rules
+    if webhook_url is not None:
+        from cloud_ingest.notify import NotifyConfigError, WebhookConfig  # lazily: the agent imports this module
+
+        try:
+            options["webhook"] = WebhookConfig(webhook_url, (webhook_secret or "").encode())
+        except NotifyConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return options
 
 
 @app.command()
@@ -131,6 +130,9 @@ def serve(
     influx_username: InfluxUser = None,
     influx_password: InfluxPassword = None,
     influx_token: InfluxToken = None,
+    rules: RulesFile = None,
+    webhook_url: WebhookUrl = None,
+    webhook_secret: WebhookSecret = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the ingest API and the MQTT bridge together."""
@@ -150,7 +152,10 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             database_url=database_url,
-            store_options=_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
+            store_options={
+                **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
+                **_alarm_options(rules, webhook_url, webhook_secret),
+            },
         )
     )
 
@@ -166,13 +171,19 @@ def ingest(
     influx_username: InfluxUser = None,
     influx_password: InfluxPassword = None,
     influx_token: InfluxToken = None,
+    rules: RulesFile = None,
+    webhook_url: WebhookUrl = None,
+    webhook_secret: WebhookSecret = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run only the ingest API (the operator API; feed it with one or more `zhilian bridge`)."""
     from zhilian.serve import serve as serve_
 
     _logging(log_level)
-    store = _store_options(influx_url, influx_db, influx_username, influx_password, influx_token)
+    store = {
+        **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
+        **_alarm_options(rules, webhook_url, webhook_secret),
+    }
     _run(
         lambda stop: serve_(
             data_dir,
@@ -202,6 +213,9 @@ def bridge(
     influx_username: InfluxUser = None,
     influx_password: InfluxPassword = None,
     influx_token: InfluxToken = None,
+    rules: RulesFile = None,
+    webhook_url: WebhookUrl = None,
+    webhook_secret: WebhookSecret = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run only the MQTT bridge, storing into DATA_DIR's databases."""
@@ -221,7 +235,10 @@ def bridge(
             tls_cert=tls_cert,
             tls_key=tls_key,
             database_url=database_url,
-            store_options=_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
+            store_options={
+                **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
+                **_alarm_options(rules, webhook_url, webhook_secret),
+            },
         )
     )
 
@@ -236,16 +253,10 @@ def agent_run(
     log_level: LogLevel = "info",
 ) -> None:
     """Run the edge agent from its config file (the systemd unit's entry point)."""
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.config import AgentConfig, ConfigError
-
-    _logging(log_level)
-    try:
-        cfg = AgentConfig.from_toml(config)
-    except ConfigError as exc:
-        console.print(f"[red]agent config {config}: {exc}[/red]")
-        raise typer.Exit(2) from None
-    _run(lambda stop: EdgeAgent(cfg).run(stop))
+    # The board reaches run_agent through zhilian.entry.main without this module (and typer) in memory.
+    code = run_agent(config, log_level)
+    if code:
+        raise typer.Exit(code)
 
 
 # `zhilian agent --vin ... [--config f]` (without `run`) keeps working: the group's own options run the agent.
@@ -320,15 +331,71 @@ def sim_fleet(
     api_key: Annotated[str | None, typer.Option(help="admin API key for registration")] = None,
     batch_interval: float = 5.0,
     gnss_rate: float = 1.0,
+    mode: Annotated[str, typer.Option(help="device (real agents on emulated devices) or protocol")] = "device",
+    rate: Annotated[float, typer.Option(help="protocol mode: messages/s across the fleet (10 samples each)")] = 100.0,
+    seed: Annotated[int, typer.Option(help="protocol mode: fleet seed (keys, rides, bytes)")] = 0,
+    boot: Annotated[int | None, typer.Option(help="protocol mode: boot counter (default: now)")] = None,
+    duration: Annotated[float | None, typer.Option(help="protocol mode: seconds (default: until Ctrl-C)")] = None,
+    payload: Annotated[str, typer.Option(help="protocol mode: signed (ev/...) or json (nr/...)")] = "signed",
     log_level: LogLevel = "info",
 ) -> None:
-    """Run N virtual vehicles: GNSS emulators on real ptys + synthetic BMS/controller + real edge agents."""
-    from zhilian.fleet import run_fleet
-
+    """Run N virtual vehicles. Device mode (default): GNSS, BMS and controller emulated on real ptys read by real
+    edge agents. Protocol mode: thousands of vehicles on one event loop, each with its own MQTT connection,
+    publishing the agent's signed envelopes at --rate messages/s (standing load against any broker)."""
     _logging(log_level)
+    if mode == "protocol":
+        _sim_fleet_protocol(vehicles, broker_host, broker_port, api, api_key, rate, seed, boot, duration, payload)
+        return
+    if mode != "device":
+        raise typer.BadParameter(f"--mode must be device or protocol, not {mode!r}")
+    from zhilian.fleet import run_fleet
 
     async def go(stop: asyncio.Event) -> None:
         await run_fleet(vehicles, state_dir, broker_host, broker_port, api, api_key, stop, batch_interval, gnss_rate)
+
+    _run(go)
+
+
+def _sim_fleet_protocol(
+    vehicles: int,
+    broker_host: str,
+    broker_port: int,
+    api: str | None,
+    api_key: str | None,
+    rate: float,
+    seed: int,
+    boot: int | None,
+    duration: float | None,
+    payload: str,
+) -> None:
+    import time
+
+    from simulators.virtual_fleet import fleet_key, fleet_vin, run_standing_load
+    from zhilian.fleet import register_devices
+
+    if payload not in ("signed", "json"):
+        raise typer.BadParameter(f"--payload must be signed or json, not {payload!r}")
+    if rate <= 0 or vehicles < 1:
+        raise typer.BadParameter("--rate and --vehicles must be positive")
+    boot = int(time.time()) if boot is None else boot
+
+    def report(snapshot: dict[str, object]) -> None:
+        console.print(
+            f"sent {snapshot['sent']:,} acked {snapshot['acked']:,} connected {snapshot['connected']:,} "
+            f"send lag p99 {snapshot['lag_ms_p99']:.1f} ms, fleet CPU {snapshot['cpu_s']:.1f} s"
+        )
+
+    async def go(stop: asyncio.Event) -> None:
+        if api and api_key:
+            devices = [(fleet_vin(i), fleet_key(seed, fleet_vin(i)).public_raw) for i in range(vehicles)]
+            await register_devices(api, api_key, devices)
+            console.print(f"registered {vehicles:,} vehicles with {api}")
+        console.print(f"protocol fleet: {vehicles:,} vehicles, {rate:,.0f} msg/s, seed {seed}, boot {boot}")
+        kind: Literal["signed", "json"] = "json" if payload == "json" else "signed"
+        await run_standing_load(
+            vehicles, rate, broker_host, broker_port, stop, seed=seed, boot=boot, kind=kind, duration_s=duration,
+            report=report,
+        )  # fmt: skip
 
     _run(go)
 
@@ -504,6 +571,53 @@ def cmd_cloud_key(
     console.print(f"wrote {out}")
 
 
+@app.command("bench-agent")
+def bench_agent(
+    seconds: Annotated[float, typer.Option(help="how long to watch the agent (the acceptance asks ≥ 300)")] = 300.0,
+    warmup: Annotated[float, typer.Option(help="seconds after start left out of mean RSS and CPU")] = 30.0,
+    interval: Annotated[float, typer.Option(help="seconds between /proc readings")] = 5.0,
+    tls: Annotated[bool, typer.Option(help="mutual TLS to the broker, as deployed")] = True,
+    bytecode: Annotated[bool, typer.Option(help="compiled bytecode, as installed (a private cache)")] = True,
+    out: Annotated[Path | None, typer.Option(help="also write the results here (JSON)")] = None,
+) -> None:
+    """Footprint of one `zhilian agent` on emulated serial devices: RSS and CPU (see BENCHMARKS.md)."""
+    from zhilian.bench_agent import AgentBenchError, run_agent_bench
+
+    try:
+        results = asyncio.run(
+            run_agent_bench(seconds, warmup, interval, tls=tls, bytecode=bytecode, progress=console.print)
+        )
+    except AgentBenchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    summary = {k: v for k, v in results.items() if not k.startswith("readings")}
+    console.print_json(json.dumps(summary))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {out}")
+
+
+@app.command("bench-store-scale")
+def bench_store_scale(
+    vehicles: Annotated[int, typer.Option(help="vehicles in the store (the snapshot covers them all)")] = 10_000,
+    samples: Annotated[
+        int, typer.Option(help="1 Hz samples per vehicle, a multiple of 30 (plus one vehicle with a whole day)")
+    ] = 1_020,
+    backend: Annotated[list[str] | None, typer.Option(help="sqlite and/or influx (default: both)")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="keep the data here; a later run of the same size only queries again")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the results here (JSON)")] = None,
+) -> None:
+    """Operator queries (fleet snapshot, day track, daily) over ≥ 10 M rows on each backend (see BENCHMARKS.md)."""
+    from zhilian.bench_store import run_scale_benchmarks
+
+    results = run_scale_benchmarks(console, vehicles, samples, tuple(backend or ("sqlite", "influx")), data_dir)
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        console.print(f"results written to {out}")
+
+
 @app.command()
 def demo(
     vehicles: int = 20,
@@ -525,16 +639,73 @@ def demo(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="where to write the results (JSON)")] = Path("bench-results.json"),
+    micro: Annotated[bool, typer.Option(help="only the micro-benchmarks (codecs, pipeline, stores, rules)")] = False,
     store_seconds: Annotated[
-        float, typer.Option(help="sustained ingest into SQLite and a private InfluxDB, seconds each (0: skip)")
+        float, typer.Option(help="--micro: sustained ingest into SQLite and a private InfluxDB, seconds each (0: skip)")
     ] = 30.0,
+    vehicles: Annotated[int, typer.Option(help="virtual vehicles, one MQTT connection each")] = 10_000,
+    store: Annotated[str, typer.Option(help="influx (needed for the Node-RED comparison) or sqlite")] = "influx",
+    step_seconds: Annotated[float, typer.Option(help="seconds of load per ramp step")] = 10.0,
+    start_rate: Annotated[float, typer.Option(help="first step's messages/s (10 samples each)")] = 200.0,
+    max_steps: Annotated[int, typer.Option(help="ramp steps per pipeline before refining")] = 8,
+    nodered: Annotated[bool, typer.Option(help="run the Node-RED baseline (npm-installed on first use)")] = True,
+    micro_section: Annotated[bool, typer.Option(help="add the bench message's codec costs")] = True,
+    alarm_probe: Annotated[bool, typer.Option(help="measure alarm latency (when GET /v1/alarms exists)")] = True,
+    profile_messages: Annotated[int, typer.Option(help="messages profiled in-process with cProfile (0: skip)")] = 1000,
+    plot: Annotated[Path | None, typer.Option(help="PNG plot (default: next to --out)")] = None,
+    report: Annotated[Path | None, typer.Option(help="append the report to this Markdown file")] = Path(
+        "BENCHMARKS.md"
+    ),
+    no_report: Annotated[bool, typer.Option("--no-report", help="do not append to a Markdown file")] = False,
 ) -> None:
-    """Micro-benchmarks of the wire contract (see BENCHMARKS.md for method and recorded numbers)."""
+    """End-to-end load benchmark side by side with Node-RED, plus the bench message's codec costs (BENCHMARKS.md);
+    --micro: the micro-benchmarks of codecs, pipeline, stores, rules and decoders instead."""
     from zhilian.bench import run_benchmarks
 
-    results = run_benchmarks(console, store_seconds=store_seconds)
+    if micro:
+        results = run_benchmarks(console, store_seconds=store_seconds)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {out}")
+        return
+    from zhilian.loadbench import (
+        LoadBenchConfig,
+        LoadBenchError,
+        append_report,
+        codec_micro,
+        markdown_report,
+        print_summary,
+        run_loadbench,
+        write_plot,
+    )
+
+    if store not in ("influx", "sqlite"):
+        raise typer.BadParameter(f"--store must be influx or sqlite, not {store!r}")
+    config = LoadBenchConfig(
+        vehicles=vehicles,
+        store=store,  # type: ignore[arg-type]
+        step_s=step_seconds,
+        start_rate=start_rate,
+        nodered_start_rate=start_rate,
+        max_steps=max_steps,
+        nodered=nodered,
+        alarm_probe=alarm_probe,
+        profile_messages=profile_messages,
+    )
+    try:
+        results = run_loadbench(config, console)
+    except LoadBenchError as exc:
+        console.print(f"[red]load benchmark failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    if micro_section:
+        results["micro"] = codec_micro()
+    plot_path = write_plot(results, plot or out.with_suffix(".png"))
+    results["plot"] = str(plot_path)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"results written to {out}")
+    print_summary(console, results)
+    if report is not None and not no_report:
+        append_report(report, markdown_report(results, plot_path))
+        console.print(f"report appended to {report}")
+    console.print(f"results written to {out}, plot {plot_path}")
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from edge_agent.config import AgentConfig
 from protocol import DeviceKey
 from simulators.bms_jbd import JbdBmsEmulator
 from simulators.controller_uart import ControllerEmulator
+from simulators.faults import Fault, FaultedModel
 from simulators.gnss import GnssEmulator
-from simulators.route import route_for
-from simulators.vehicle import VehicleModel
+from simulators.roads import graph_route_for
+from simulators.vehicle import VARIANTS, VehicleModel
 
 log = logging.getLogger("zhilian.fleet")
 
@@ -56,6 +57,26 @@ async def register_device(api: str, admin_key: str, vin: str, public_raw: bytes,
             raise RuntimeError(f"registering {vin} failed: {resp.status_code} {resp.text[:200]}")
 
 
+async def register_devices(
+    api: str, admin_key: str, devices: list[tuple[str, bytes]], concurrency: int = 16, timeout: float = 10.0
+) -> None:
+    """Register many (vin, public key) pairs, `concurrency` requests at a time over one connection pool; a VIN
+    already registered with the same key is fine (the API answers 200)."""
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(
+        base_url=api, timeout=timeout, headers={"Authorization": f"Bearer {admin_key}"}
+    ) as client:
+
+        async def one(vin: str, public_raw: bytes) -> None:
+            async with sem:
+                body = {"vin": vin, "public_key": base64.b64encode(public_raw).decode(), "label": "virtual vehicle"}
+                resp = await client.post("/v1/devices", json=body)
+            if resp.status_code not in (200, 201):
+                raise RuntimeError(f"registering {vin} failed: {resp.status_code} {resp.text[:200]}")
+
+        await asyncio.gather(*(one(vin, key) for vin, key in devices))
+
+
 async def build_vehicle(
     index: int, state_dir: Path, broker_host: str, broker_port: int, batch_interval_s: float, gnss_rate_hz: float
 ) -> VirtualVehicle:
@@ -65,15 +86,21 @@ async def build_vehicle(
     key_file = vdir / "device.key"
     if not key_file.exists():
         DeviceKey.generate().save(key_file)
-    model = VehicleModel(route_for(index), seed=index, start_time=time.time(), variant=fleet_variant(index))
+    start = time.time()
+    # Every few vehicles has had its speed limiter raised (and rides like it), as the hazard rules must find; the
+    # others are legal. The tampering is an injected fault with its ground truth (simulators/faults.py).
+    limit = VARIANTS[fleet_variant(index)].speed_limit_kmh + 20.0  # 45 km/h on a 25 km/h e-bike
+    tampered: list[Fault] = []
+    if index % 7 == 6:
+        derestricted = {"limit_kmh": limit, "wish_kmh": (limit - 12.0, limit - 3.0)}
+        tampered = [Fault("speed_limiter_tampering", start, start + 86_400.0, derestricted)]
+    model = FaultedModel(graph_route_for(index), index, start, fleet_variant(index), faults=tampered)
     emulator = GnssEmulator(model, rate_hz=gnss_rate_hz, talker="GN" if index % 3 else "GB")
     await emulator.start()
     # Cell count, probes and capacity follow the variant (13S e-bike, 20S e-motorcycle).
     bms = JbdBmsEmulator(model, barcode=f"{model.variant.barcode_prefix}-{index:06d}")
     await bms.start()
-    # Every few vehicles has had its speed limiter raised, as the hazard rules must find.
-    raised = model.variant.speed_limit_kmh + 20.0  # 45 km/h on a 25 km/h e-bike
-    controller = ControllerEmulator(model, tamper_speed_limit_kmh=raised if index % 7 == 6 else None)
+    controller = ControllerEmulator(model)
     await controller.start()
     config = AgentConfig(
         vin=vin,

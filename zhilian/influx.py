@@ -38,6 +38,8 @@ class InfluxProcess:
 
     `auth`: (admin user, password) — the server then requires credentials and the admin is created on first start
     (InfluxDB 1.x allows exactly that one unauthenticated statement while no user exists).
+    `retention_check_interval`: how often the server deletes shard groups past their retention policy (tests make
+    it short to see retention act; InfluxDB's default is 30 minutes).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class InfluxProcess:
         port: int | None = None,
         rpc_port: int | None = None,
         auth: tuple[str, str] | None = None,
+        retention_check_interval: str = "30m0s",
     ) -> None:
         self.workdir = Path(workdir)
+        self.retention_check_interval = retention_check_interval
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.rpc_port = rpc_port or free_port()
@@ -84,7 +88,7 @@ bind-address = "{self.host}:{self.rpc_port}"
 
 [retention]
   enabled = true
-  check-interval = "30m0s"
+  check-interval = "{self.retention_check_interval}"
 
 [shard-precreation]
   enabled = false

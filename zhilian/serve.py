@@ -52,12 +52,13 @@ async def serve(
     database_url: str | None = None,
     store_options: dict[str, Any] | None = None,
 ) -> None:
-    """`store_options`: time-series store arguments of IngestService.open (influx_url, influx_db, ...)."""
+    """`store_options`: more IngestService.open arguments (influx_url, influx_db, ..., rules_path, webhook)."""
     stop = stop or asyncio.Event()
     service = IngestService.open(data_dir, database_url=database_url, **(store_options or {}))
     tasks: list[asyncio.Task[None]] = []
     server: _Server | None = None
     try:
+        service.start_background()  # the alarm service's periodic task, notification delivery
         if with_api:
             server = _Server(uvicorn.Config(service.app, host=http_host, port=http_port, log_level="warning"))
             tasks.append(asyncio.create_task(server.serve(), name="http"))

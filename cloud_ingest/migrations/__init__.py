@@ -35,7 +35,13 @@ log = logging.getLogger("zhilian.migrations")
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 # Modules that define tables on cloud_ingest.db.Base besides cloud_ingest.db itself (e.g. "cloud_ingest.alarms"):
 # imported before autogenerate and the schema test compare the models with the migrated database.
-MODEL_MODULES: tuple[str, ...] = ("cloud_ingest.commands",)
+MODEL_MODULES: tuple[str, ...] = (
+    "cloud_ingest.commands",
+    "cloud_ingest.alarms",
+    "cloud_ingest.notify",
+    "cloud_ingest.lifecycle",
+    "cloud_ingest.geofences",
+)
 BASELINE = "0001"
 # What `create_all` made before revision 0001 existed; a registry matching it is adopted at the baseline.
 _BASELINE_SCHEMA = {
