@@ -875,10 +875,8 @@ class SqliteTimeSeriesStore:
         with self._maintenance_step():
             done = self._meta("rollup_done_ms")
             first = self._read("SELECT min(ts) FROM telemetry")[0][0] if done is None else None
-        if done is None:
-            frm = to if first is None else int(first)
-        else:
-            frm = min(done, to - cfg.lateness_s * 1000)
+        # The first pass starts at the oldest row; later ones re-open the buckets late samples may still reach.
+        frm = (to if first is None else int(first)) if done is None else min(done, to - cfg.lateness_s * 1000)
         # Buckets about to be purged gain nothing from a rollup the purge deletes right after.
         frm = max(frm, now_ms - cfg.rollup_s * 1000)
         rows = self.rollup(frm, to) if frm < to else 0
