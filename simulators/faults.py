@@ -896,10 +896,6 @@ class AgentView:
         self._course_min_kmh = COURSE_MIN_SPEED_KMH
         self._jbd = jbd
         self._ctl = ctl
-        self._sky_slot = -1
-        self._used: dict[int, int] = {}
-        self._in_view: dict[int, int] = {}
-        self._n_used = 0
         self._previous: VehicleState | None = None
         self._lagged: dict[str, Any] = {}
         # name -> (kind, decimals, min, max); kind: "f" float, "i" int, "b" bool, "s" str
@@ -953,17 +949,15 @@ class AgentView:
             put(out, rx + "HDOP", 99.99)
             put(out, rx + "SatellitesUsed", 0)
             return out
-        # The sky changes over minutes; a fleet asks every second.
-        slot = int(state.t // 10)
-        if slot != self._sky_slot:
-            sky = self._sky.at(slot * 10.0)
-            systems = self.receiver.systems
-            used = [v for v in sky.used() if v.system in systems]
-            self._n_used = len(used)
-            self._used = {system: sum(1 for v in used if v.system == system) for system in systems}
-            self._in_view = {system: len(sky.in_view(system)) for system in systems}
-            self._sky_slot = slot
-        pdop, hdop, vdop = self._dops(self._n_used, state.t)
+        # The sky of this very instant, as the emulator writes it: satellites rise, set and cross the SNR line used
+        # for a fix between any two seconds, so a sky cached over a longer slot drifts from what the agent decodes.
+        sky = self._sky.at(state.t)
+        systems = self.receiver.systems
+        used = [v for v in sky.used() if v.system in systems]
+        n_used = len(used)
+        used_by = {system: sum(1 for v in used if v.system == system) for system in systems}
+        in_view = {system: len(sky.in_view(system)) for system in systems}
+        pdop, hdop, vdop = self._dops(n_used, state.t)
         knots = float(f"{state.speed_kmh * self._knots_per_kmh:.3f}")
         heading = None
         if state.speed_kmh >= self._course_min_kmh:
@@ -976,13 +970,13 @@ class AgentView:
         put(out, rx + "FixMode", 3)
         put(out, rx + "FixQuality", self.receiver.quality)
         put(out, rx + "HDOP", hdop)
-        put(out, rx + "SatellitesUsed", self._n_used)
+        put(out, rx + "SatellitesUsed", n_used)
         if not self._lagged and self.receiver.talker in ("GB", "BD"):
             put(out, rx + "BeiDouInUse", True)  # a BeiDou talker says so before any GSA; GN says nothing
-        lagged: dict[str, Any] = {rx + "PDOP": pdop, rx + "VDOP": vdop, rx + "BeiDouInUse": self._used.get(4, 0) > 0}
+        lagged: dict[str, Any] = {rx + "PDOP": pdop, rx + "VDOP": vdop, rx + "BeiDouInUse": used_by.get(4, 0) > 0}
         for system, segment in ((1, "GPS"), (4, "BeiDou"), (2, "GLONASS"), (3, "Galileo"), (5, "QZSS")):
-            lagged[f"{rx}{segment}.SatellitesUsed"] = self._used.get(system, 0)
-            lagged[f"{rx}{segment}.SatellitesInView"] = self._in_view.get(system, 0)
+            lagged[f"{rx}{segment}.SatellitesUsed"] = used_by.get(system, 0)
+            lagged[f"{rx}{segment}.SatellitesInView"] = in_view.get(system, 0)
         self._lagged = lagged
         return out
 

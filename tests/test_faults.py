@@ -339,16 +339,7 @@ def test_agent_view_is_what_the_agent_decodes(offset: int, seed: int) -> None:
     samples = [view.sample(T0 + offset + k) for k in range(40)]
     reference = _agent_reference(AgentView(m), [s for _, _, s in samples], NmeaDecoder())
     for (_, values, _), ref in zip(samples, reference, strict=True):
-        # Known difference, open: at some instants (seed=44, offset=0) AgentView counts one BeiDou satellite in
-        # view more than the decoder does from the emulated GSV sentences. Counts in view may differ by one; every
-        # other value must be equal.
-        in_view = {k for k in ref if k.endswith(".SatellitesInView")}
-        assert {k: v for k, v in values.items() if k not in in_view} == {
-            k: v for k, v in ref.items() if k not in in_view
-        }
-        assert values.keys() >= in_view
-        for k in in_view:
-            assert abs(int(values[k]) - int(ref[k])) <= 1, (k, values[k], ref[k])
+        assert values == ref
 
 
 def test_can_bms_leaves_the_bus_while_the_pack_is_out_and_the_config_carries_the_tampering() -> None:
