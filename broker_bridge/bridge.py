@@ -1,10 +1,30 @@
 """MQTT → ingest pipeline, acknowledging only what the pipeline has durably decided.
 
-Flow: paho delivers a QoS 1 message on the event loop → a bounded queue (its bound is the MQTT 5 Receive
-Maximum we announce, so the broker can never push more than fits: backpressure, not memory growth) → a worker
-drains up to `max_batch` messages, runs the synchronous pipeline in a thread (one durable commit for the lot),
-then PUBACKs each.  If the store fails nothing is acknowledged and the same batch is retried; the broker also
-redelivers unacknowledged messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
+Flow: paho delivers a QoS 1 message on the event loop → the inbound queue → a worker drains up to `max_batch`
+messages, runs the synchronous pipeline in a thread (one durable commit for the lot), then PUBACKs each.  If the
+store fails nothing is acknowledged and the same batch is retried; the broker also redelivers unacknowledged
+messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
+
+Backpressure is TCP's, not the broker's: we announce the MQTT 5 Receive Maximum, but Mosquitto 2.0 does not keep
+to it once acknowledgements flow (a subscriber announcing 50 was measured holding thousands unacknowledged), so
+the bridge trusts no broker's flow control.  When the queue reaches its high-water mark (`receive_maximum`) the
+bridge stops reading the socket (PahoOnAsyncio.pause_reading: the kernel buffer fills, the TCP window closes, the
+broker keeps the rest in our session); when the worker has drained it to the low-water mark (half of that) reading
+resumes.  No message is ever dropped, so the queue has no maxsize and takes whatever the paho read that crossed
+the mark had already decoded.  paho 2 (2.2.0 here) reads at most max(1, len(_out_messages) + len(_in_messages))
+packets per loop_read call: our unacknowledged outgoing QoS 1 messages plus incoming QoS 2 messages awaiting
+PUBREL.  We subscribe at QoS 1 (no incoming QoS 2) and publish only commands, at most the command publisher's
+`max_inflight` at a time, so the depth never exceeds `queue_bound` = receive_maximum + max(1, max_inflight) - 1,
+exactly receive_maximum without a control plane (max_inflight then counts as 0).  Pauses are counted
+(zhilian_bridge_read_pauses_total, BridgeStats.read_pauses); the depth is a gauge and its maximum is kept
+(BridgeStats.max_queue_depth).
+
+A pause longer than the keepalive (a pipeline stalled on a failing store) starves paho of the PINGRESP, and it drops
+the connection one keepalive after its PINGREQ (after one to two keepalives of pause).  That is accepted: the
+bridge waits until the worker has drained the queue to the low-water mark (the broker holds new messages
+meanwhile), reconnects with a fresh, reading adapter (CONNACK must be read), and the broker redelivers what was
+not acknowledged; the ledger stores it once.  Items of the dead connection still in the queue are stored but not
+acknowledged (the broker redelivers them anyway).
 
 With a control plane (`control`, cloud_ingest.commands.CommandService) the bridge also subscribes to ev/+/status and
 ev/+/cmd/ack — those messages go to `control.ingest_control_many` instead of the pipeline, acknowledged the same
@@ -71,6 +91,8 @@ class BridgeStats:
     store_failures: int = 0
     connects: int = 0
     connected: bool = False
+    read_pauses: int = 0
+    max_queue_depth: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
@@ -103,10 +125,20 @@ class MqttBridge:
         self.receive_maximum = receive_maximum
         self.max_batch = max_batch
         self.keepalive = keepalive
+        if not 1 <= receive_maximum <= 65535:
+            raise ValueError(f"receive_maximum must be 1..65535 (an MQTT 5 Receive Maximum), not {receive_maximum}")
         self.stats = BridgeStats()
-        self._queue: asyncio.Queue[_Inbound] = asyncio.Queue(maxsize=receive_maximum)
+        self.high_water = receive_maximum
+        self.low_water = receive_maximum // 2
+        # No maxsize: a full asyncio.Queue could only refuse a message paho has already decoded.  Pausing the socket
+        # at `high_water` bounds it to `queue_bound` (module docstring).
+        self._queue: asyncio.Queue[_Inbound] = asyncio.Queue()
+        # Set while the queue has room: cleared with each pause, set again at the low-water mark.
+        self._room = asyncio.Event()
+        self._room.set()
         self._generation = 0
         self._client: mqtt.Client | None = None
+        self._adapter: PahoOnAsyncio | None = None
         self._subscribed = asyncio.Event()
         reg = metrics if metrics is not None else CollectorRegistry()
         self._m_received = Counter("zhilian_bridge_received_total", "MQTT messages received", registry=reg)
@@ -116,7 +148,23 @@ class MqttBridge:
             "zhilian_bridge_store_failures_total", "pipeline storage failures (batch retried)", registry=reg
         )
         self._m_queue = Gauge("zhilian_bridge_queue_depth", "messages waiting for the pipeline", registry=reg)
+        self._m_pauses = Counter(
+            "zhilian_bridge_read_pauses_total", "times the bridge stopped reading the broker (queue full)", registry=reg
+        )
         self._m_connected = Gauge("zhilian_bridge_connected", "1 while connected to the broker", registry=reg)
+
+    @property
+    def queue_bound(self) -> int:
+        """The most messages the inbound queue can hold: the high-water mark plus what the paho read that crossed
+        it had already decoded (at most max(1, outstanding outgoing QoS 1 messages) packets per loop_read)."""
+        outgoing = self.commands.max_inflight if self.commands is not None else 0
+        return self.high_water + max(1, outgoing) - 1
+
+    def _queue_changed(self) -> int:
+        depth = self._queue.qsize()
+        self._m_queue.set(depth)
+        self.stats.max_queue_depth = max(self.stats.max_queue_depth, depth)
+        return depth
 
     # --- MQTT callbacks (run on the event loop) ---------------------------------------------------------------
 
@@ -150,13 +198,13 @@ class MqttBridge:
             self._ack(msg.mid, msg.qos, self._generation)
             return
         item = _Inbound(self._generation, msg.mid, msg.qos, claimed_vin, bytes(msg.payload), channel)
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            # Cannot happen while the broker honours our Receive Maximum; if it does, leaving the message
-            # unacknowledged makes the broker redeliver it after we reconnect, so nothing is lost.
-            log.error("inbound queue over Receive Maximum; message left unacknowledged", extra={"mid": msg.mid})
-        self._m_queue.set(self._queue.qsize())
+        self._queue.put_nowait(item)  # never full (no maxsize); bounded by pausing below
+        if self._queue_changed() >= self.high_water:
+            self._room.clear()
+            if self._adapter is not None and self._adapter.pause_reading():
+                self.stats.read_pauses += 1
+                self._m_pauses.inc()
+                log.debug("inbound queue at high water; reading paused", extra={"depth": self._queue.qsize()})
 
     def _ack(self, mid: int, qos: int, generation: int) -> None:
         if self._client is None or generation != self._generation or qos == 0:
@@ -176,7 +224,10 @@ class MqttBridge:
             items = [first]
             while len(items) < self.max_batch and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            self._m_queue.set(self._queue.qsize())
+            if self._queue_changed() <= self.low_water and not self._room.is_set():
+                self._room.set()
+                if self._adapter is not None and self._adapter.resume_reading():
+                    log.debug("inbound queue at low water; reading resumed", extra={"depth": self._queue.qsize()})
             await self._process(items, stop)
 
     async def _process(self, items: list[_Inbound], stop: asyncio.Event) -> None:
@@ -224,12 +275,25 @@ class MqttBridge:
     async def wait_subscribed(self, timeout: float) -> None:
         await asyncio.wait_for(self._subscribed.wait(), timeout)
 
+    async def _wait_for_room(self, stop: asyncio.Event, worker: asyncio.Task[None]) -> None:
+        """Before (re)connecting: wait until the worker has drained the queue to the low-water mark, so a new
+        connection never starts above the high-water mark.  The broker holds new messages in our session."""
+        if self._room.is_set():
+            return
+        log.info("waiting for the pipeline to drain before connecting", extra={"depth": self._queue.qsize()})
+        while not self._room.is_set() and not stop.is_set() and not worker.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), 1.0)
+
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         worker = asyncio.create_task(self._worker(stop), name="bridge-worker")
         backoff = 0.5
         try:
             while not stop.is_set():
+                await self._wait_for_room(stop, worker)
+                if stop.is_set():
+                    break
                 if worker.done():
                     raise RuntimeError("bridge worker died") from worker.exception()
                 self._generation += 1
@@ -246,12 +310,13 @@ class MqttBridge:
                 client.on_message = self._on_message
                 if self.commands is not None:
                     client.on_publish = self.commands.on_publish
-                adapter = PahoOnAsyncio(client, loop)
+                adapter = PahoOnAsyncio(client, loop)  # reading: the queue is below the high-water mark
                 props = Properties(PacketTypes.CONNECT)
                 props.ReceiveMaximum = self.receive_maximum
                 # A persistent session: messages published while the bridge restarts wait for it in the broker.
                 props.SessionExpiryInterval = 3600
                 self._client = client
+                self._adapter = adapter
                 try:
                     await adapter.connect(self.host, self.port, self.keepalive, properties=props)
                     self.stats.connects += 1
@@ -277,7 +342,12 @@ class MqttBridge:
                         raise RuntimeError("bridge command publisher died") from publisher.exception()
                     if adapter.disconnected.done():
                         log.warning(
-                            "bridge lost broker connection", extra={"error": repr(adapter.disconnected.result())}
+                            "bridge lost broker connection",
+                            extra={
+                                "error": repr(adapter.disconnected.result()),
+                                # Paused past the keepalive, paho drops the connection (PINGRESP unread).
+                                "reading_paused": adapter.reading_paused,
+                            },
                         )
                 except (OSError, TimeoutError) as exc:
                     log.warning("bridge cannot reach broker", extra={"error": repr(exc), "backoff_s": backoff})
