@@ -14,8 +14,10 @@
 - Webhook: HTTP POST of the stored JSON body, `Content-Type: application/json`, `X-Zhilian-Signature: <hex
   HMAC-SHA256(secret, body)>` over the exact bytes sent, `X-Zhilian-Delivery: <outbox id>` (the same on every retry,
   so a receiver can drop duplicates), `X-Zhilian-Event`. Any 2xx is success.
-- MQTT: `MqttSink` wraps a publish function injected by whoever owns an MQTT connection (cloud_ingest does not
-  depend on the bridge); the topic is `north/alarms/{vin}` by default.
+- MQTT: `MqttSink` publishes the same JSON body (no signature: the broker's TLS and ACL vouch for the sender, as
+  only the cloud's identity may write `north/#`) through a PUBACK-confirmed publish function — the northbound
+  publisher's (cloud_ingest/north_mqtt.py), or any caller's own connection; the topic is `north/alarms/{vin}` by
+  default. At-least-once: a consumer drops repeats by (`alarm.id`, `alarm.version`, `event`).
 """
 
 from __future__ import annotations
@@ -144,12 +146,24 @@ class WebhookSink:
 MqttPublish = Callable[[str, bytes, float], None]
 
 
+def check_topic_template(topic: str) -> str:
+    """A northbound topic template: `{vin}` once or more, no other field, no wildcard, no empty level."""
+    if "{vin}" not in topic:
+        raise NotifyConfigError(f"the northbound topic must contain {{vin}}: {topic!r}")
+    try:
+        sample = topic.format(vin="LZHEB0A12P0000001")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise NotifyConfigError(f"northbound topic {topic!r}: only {{vin}} may be substituted ({exc})") from None
+    if any(c in sample for c in "+#\0") or sample.startswith("$") or "" in sample.split("/"):
+        raise NotifyConfigError(f"northbound topic {topic!r}: no wildcards, no leading $, no empty levels")
+    return topic
+
+
 class MqttSink:
     channel = MQTT
 
     def __init__(self, publish: MqttPublish, topic: str = DEFAULT_MQTT_TOPIC, timeout_s: float = 10.0) -> None:
-        if "{vin}" not in topic:
-            raise NotifyConfigError("the northbound topic must contain {vin}")
+        check_topic_template(topic)
         self._publish = publish
         self.topic = topic
         self.timeout_s = timeout_s

@@ -2,7 +2,9 @@
 
 With hazard rules on (the default) the alarm service observes the pipeline (cloud_ingest/alarms.py); its periodic
 task (offline rule, deadline escalation) and the notification dispatchers run only after `start_background()` —
-`zhilian serve` calls it; tests and tools that only ingest do not get background threads.
+`zhilian serve` calls it; tests and tools that only ingest do not get background threads. The one exception is the
+northbound MQTT publisher (`north_mqtt`): its paho network thread connects from `open` on, so that `dispatch_once`
+works without the dispatchers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ from cloud_ingest.db import create_engine_for, init_db
 from cloud_ingest.geofences import GeofenceService
 from cloud_ingest.influx_store import InfluxSettings, InfluxTimeSeriesStore
 from cloud_ingest.lifecycle import LifecycleService
-from cloud_ingest.notify import MqttPublish, MqttSink, Notifier, NotifyConfig, Sink, WebhookConfig, WebhookSink
+from cloud_ingest.north_mqtt import NorthMqttConfig, NorthPublisher
+from cloud_ingest.notify import (
+    DEFAULT_MQTT_TOPIC,
+    MqttPublish,
+    MqttSink,
+    Notifier,
+    NotifyConfig,
+    NotifyConfigError,
+    Sink,
+    WebhookConfig,
+    WebhookSink,
+    check_topic_template,
+)
 from cloud_ingest.pipeline import IngestPipeline
 from cloud_ingest.registry import Registry
 from cloud_ingest.retention import MaintenanceLoop, RetentionConfig
@@ -46,6 +60,7 @@ class IngestService:
     lifecycle: LifecycleService | None = None
     geofences: GeofenceService | None = None
     maintenance: MaintenanceLoop | None = None
+    north: NorthPublisher | None = None
 
     @classmethod
     def open(
@@ -66,6 +81,8 @@ class IngestService:
         webhook: WebhookConfig | None = None,
         notify_config: NotifyConfig | None = None,
         mqtt_publish: MqttPublish | None = None,
+        north_mqtt: NorthMqttConfig | None = None,
+        north_topic: str = DEFAULT_MQTT_TOPIC,
         zones_at: ZoneLookup | None = None,
         clock: Callable[[], int] | None = None,
         retention: RetentionConfig | None = None,
@@ -73,14 +90,26 @@ class IngestService:
         """Telemetry goes to InfluxDB when `influx_url` is given, else to the data dir's SQLite store.
 
         `hazard_rules`: evaluate the rules file (`rules_path`, default the packaged one) on ingest and keep alarms;
-        `webhook`: push alarm notifications there; `mqtt_publish`: also to north/alarms/{vin} through this
-        (blocking, PUBACK-confirmed) publish function of an MQTT connection the caller owns;
+        `webhook`: push alarm notifications there; `north_mqtt`: also publish them to `north_topic` (default
+        north/alarms/{vin}) through a connection of this service's own (cloud_ingest/north_mqtt.py, closed by
+        `close`), or `mqtt_publish`: through this (blocking, PUBACK-confirmed) publish function of an MQTT
+        connection the caller owns (one of the two);
         `zones_at`: the geofence lookup the rules' context uses
         (default: this service's geofence index);
         `clock`: the alarm service's clock in unix ms (deadlines, offline rule), for tests.
         `retention`: raw telemetry retention and rollups (cloud_ingest/retention.py); when given, a maintenance
         thread enforces it from the start (stopped by `close`). None keeps everything, as tests and tools want.
         """
+        if north_mqtt is not None and mqtt_publish is not None:
+            raise NotifyConfigError("give north_mqtt or mqtt_publish, not both")
+        metrics = CollectorRegistry()
+        north = None
+        if hazard_rules and (north_mqtt is not None or mqtt_publish is not None):
+            check_topic_template(north_topic)
+            if north_mqtt is not None:
+                # Checks its TLS files now; connects only from `north.start()` below, once nothing else can fail.
+                north = NorthPublisher(north_mqtt, metrics)
+                mqtt_publish = north.publish
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         catalogue = catalogue if catalogue is not None else load_catalogue()
@@ -104,7 +133,7 @@ class IngestService:
         except BaseException:
             engine.dispose()
             raise
-        pipeline = IngestPipeline(registry, store, catalogue, CollectorRegistry(), replay_window=replay_window)
+        pipeline = IngestPipeline(registry, store, catalogue, metrics, replay_window=replay_window)
         # Signs commands with the data dir's cloud key; its acks and status metrics land in the pipeline's registry.
         commands = CommandService(engine, registry, load_or_create_cloud_key(data_dir), pipeline.metrics)
         # Vehicle and battery life cycles follow every stored batch; the geofence index answers the rules' zone
@@ -118,7 +147,7 @@ class IngestService:
         if hazard_rules:
             sinks: list[Sink] = [WebhookSink(webhook)] if webhook is not None else []
             if mqtt_publish is not None:
-                sinks.append(MqttSink(mqtt_publish))
+                sinks.append(MqttSink(mqtt_publish, north_topic))
             # Delivery runs on the wall clock (retry timing), whatever clock the alarm workflow is given.
             notifier = Notifier(engine, sinks, notify_config, pipeline.metrics)
             rules = RuleEngine(load_rules(rules_path, catalogue), catalogue)
@@ -128,6 +157,9 @@ class IngestService:
         service = cls(
             engine, registry, store, pipeline, app, catalogue, commands, alarms, notifier, lifecycle, geofences
         )
+        if north is not None:
+            # Connects (and reconnects) in paho's thread from now on; a broker that is down is not an error.
+            service.north = north.start()
         if retention is not None:
             service.maintenance = MaintenanceLoop(store, retention.every_s, name="telemetry").start()
         return service
@@ -150,5 +182,7 @@ class IngestService:
             self.alarms.stop()
         if self.notifier is not None:
             self.notifier.close()
+        if self.north is not None:
+            self.north.close()  # after the dispatchers: none is publishing any more
         self.store.close()
         self.engine.dispose()

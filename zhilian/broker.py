@@ -60,6 +60,14 @@ topic read ev/+/alert
 topic read ev/+/status
 topic write ev/+/cmd
 topic read ev/+/cmd/ack
+# Alarm notifications northbound (north/alarms/{vin}; `--north-mqtt` publishes them with this same certificate).
+topic write north/#
+
+# Northbound consumers (an operator console, a customer's integration): read the alarm notifications, nothing else.
+# An example identity: issue it with `zhilian keys tls-client --cn zhilian-operator`; add one block per consumer.
+# Devices get nothing under north/: no rule above grants a VIN any topic outside its own ev/{vin}/.
+user zhilian-operator
+topic read north/#
 """
 
 

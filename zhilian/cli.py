@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import inspect
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import typer
 from rich.console import Console
@@ -34,6 +38,9 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning
 TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="mutual TLS: CA certificate that signed the broker's")]
 TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="mutual TLS: this client's certificate (PEM)")]
 TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="mutual TLS: this client's private key (PEM, 0600)")]
+# -- storage, rules and notification options: shared by serve, ingest and bridge, declared once -------------------
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="where the SQLite databases live")]
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
@@ -59,27 +66,6 @@ InfluxToken = Annotated[
     str | None,
     typer.Option("--influx-token", envvar="ZHILIAN_INFLUX_TOKEN", help="InfluxDB 2.x/3.x token; prefer the env var"),
 ]
-
-
-def _store_options(
-    url: str | None, db: str, username: str | None, password: str | None, token: str | None
-) -> dict[str, object]:
-    from cloud_ingest.retention import RetentionConfig
-
-    # Raw telemetry 30 days, 1-minute rollups 2 years, unless ZHILIAN_RAW_RETENTION_DAYS/..._ROLLUP_... say otherwise.
-    retention: dict[str, object] = {"retention": RetentionConfig.from_env(os.environ)}
-    if url is None:
-        return retention
-    return {
-        **retention,
-        "influx_url": url,
-        "influx_db": db,
-        "influx_username": username,
-        "influx_password": password,
-        "influx_token": token,
-    }
-
-
 RulesFile = Annotated[
     Path | None,
     typer.Option("--rules", envvar="ZHILIAN_RULES", help="hazard rules file (default: the packaged one, RULES.md)"),
@@ -95,27 +81,165 @@ WebhookSecret = Annotated[
         help="HMAC-SHA256 key of the X-Zhilian-Signature header; prefer the env var",
     ),
 ]
+NorthMqtt = Annotated[
+    str | None,
+    typer.Option(
+        "--north-mqtt",
+        envvar="ZHILIAN_NORTH_MQTT",
+        metavar="bridge|HOST:PORT",
+        help="also publish alarm notifications over MQTT (QoS 1): `bridge` = to the bridge's broker, or to "
+        "HOST:PORT; with the --tls-* files (default: off)",
+    ),
+]
+NorthTopic = Annotated[
+    str | None,
+    typer.Option(
+        "--north-topic",
+        envvar="ZHILIAN_NORTH_TOPIC",
+        help="topic of --north-mqtt's notifications; {vin} is the vehicle's (default: north/alarms/{vin})",
+    ),
+]
 
 
-def _alarm_options(rules: Path | None, webhook_url: str | None, webhook_secret: str | None) -> dict[str, object]:
-    """IngestService.open arguments of the hazard rules and alarm notifications (every process of a deployment
-    that ingests or runs the API must get the same ones: notifications are queued by the process that decided)."""
-    options: dict[str, object] = {}
-    if rules is not None:
-        options["rules_path"] = rules
-    if webhook_url is not None:
-        from cloud_ingest.notify import NotifyConfigError, WebhookConfig  # lazily: the agent imports this module
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    """Where an IngestService keeps its data, its rules and where its alarm notifications go: the options of every
+    command that runs one. Each field is one CLI option (its Annotated type) with its default; `_service_command`
+    gives a command all of them. Every process of a deployment that ingests or runs the API must get the same
+    rules and notification options: a notification is queued by the process that decided the alarm."""
+
+    data_dir: DataDir = Path("zhilian-data")
+    database_url: DatabaseUrl = None
+    influx_url: InfluxUrl = None
+    influx_db: InfluxDb = "zhilian"
+    influx_username: InfluxUser = None
+    influx_password: InfluxPassword = None
+    influx_token: InfluxToken = None
+    rules: RulesFile = None
+    webhook_url: WebhookUrl = None
+    webhook_secret: WebhookSecret = None
+    north_mqtt: NorthMqtt = None
+    north_topic: NorthTopic = None
+
+    def open_kwargs(
+        self, bridge_broker: tuple[str, int] | None, tls: tuple[Path | None, Path | None, Path | None]
+    ) -> dict[str, object]:
+        """IngestService.open arguments beyond data_dir and database_url. `bridge_broker`: what `--north-mqtt
+        bridge` means (None: this command runs no bridge); `tls`: the command's --tls-ca/--tls-cert/--tls-key."""
+        return {**self._store(), **self._alarms(), **self._north(bridge_broker, tls)}
+
+    def _store(self) -> dict[str, object]:
+        from cloud_ingest.retention import RetentionConfig  # lazily: the agent imports this module
+
+        # Raw telemetry 30 days, 1-minute rollups 2 years, unless ZHILIAN_RAW_RETENTION_DAYS/..._ROLLUP_... say so.
+        options: dict[str, object] = {"retention": RetentionConfig.from_env(os.environ)}
+        if self.influx_url is not None:
+            options |= {
+                "influx_url": self.influx_url,
+                "influx_db": self.influx_db,
+                "influx_username": self.influx_username,
+                "influx_password": self.influx_password,
+                "influx_token": self.influx_token,
+            }
+        return options
+
+    def _alarms(self) -> dict[str, object]:
+        options: dict[str, object] = {}
+        if self.rules is not None:
+            options["rules_path"] = self.rules
+        if self.webhook_url is not None:
+            from cloud_ingest.notify import NotifyConfigError, WebhookConfig
+
+            try:
+                options["webhook"] = WebhookConfig(self.webhook_url, (self.webhook_secret or "").encode())
+            except NotifyConfigError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return options
+
+    def _north(
+        self, bridge_broker: tuple[str, int] | None, tls: tuple[Path | None, Path | None, Path | None]
+    ) -> dict[str, object]:
+        if self.north_mqtt is None:
+            if self.north_topic is not None:
+                raise typer.BadParameter("--north-topic needs --north-mqtt")
+            return {}
+        from cloud_ingest.north_mqtt import NorthMqttConfig, parse_broker_address
+        from cloud_ingest.notify import NotifyConfigError, check_topic_template
 
         try:
-            options["webhook"] = WebhookConfig(webhook_url, (webhook_secret or "").encode())
+            if self.north_mqtt.strip().lower() == "bridge":
+                if bridge_broker is None:
+                    raise typer.BadParameter("this command runs no bridge: give --north-mqtt HOST:PORT")
+                host, port = bridge_broker
+            else:
+                host, port = parse_broker_address(self.north_mqtt)
+            options: dict[str, object] = {"north_mqtt": NorthMqttConfig(host, port, *tls)}
+            if self.north_topic is not None:
+                options["north_topic"] = check_topic_template(self.north_topic)
         except NotifyConfigError as exc:
             raise typer.BadParameter(str(exc)) from None
-    return options
+        return options
+
+
+_SERVICE_HINTS = get_type_hints(ServiceOptions, include_extras=True)
+_SERVICE_PARAMS = [
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_SERVICE_HINTS[f.name])
+    for f in fields(ServiceOptions)
+]
+
+
+def _service_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Typer sees the command's `service: ServiceOptions` parameter as all of ServiceOptions' options, in its
+    place; the command gets them back as one ServiceOptions."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    params = [
+        q.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in own
+        for q in (_SERVICE_PARAMS if p.name == "service" else [p])
+    ]
+    names = [p.name for p in _SERVICE_PARAMS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        command(service=ServiceOptions(**{n: kwargs.pop(n) for n in names}), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return wrapper
+
+
+def _serve(
+    service: ServiceOptions,
+    log_level: str,
+    broker: tuple[str, int] | None,
+    tls: tuple[Path | None, Path | None, Path | None],
+    **parts: Any,
+) -> None:
+    """Run zhilian.serve with the shared options. `broker`: the bridge's, which also gets the `tls` files (None:
+    the command has no bridge); `parts`: which halves run and their own settings."""
+    from zhilian.serve import serve as serve_
+
+    _logging(log_level)
+    store = service.open_kwargs(broker, tls)
+    if broker is not None:
+        parts |= {
+            "mqtt_host": broker[0],
+            "mqtt_port": broker[1],
+            "tls_ca": tls[0],
+            "tls_cert": tls[1],
+            "tls_key": tls[2],
+        }
+    _run(
+        lambda stop: serve_(
+            service.data_dir, stop=stop, database_url=service.database_url, store_options=store, **parts
+        )
+    )
 
 
 @app.command()
+@_service_command
 def serve(
-    data_dir: Annotated[Path, typer.Option(help="where the SQLite databases live")] = Path("zhilian-data"),
+    service: ServiceOptions,
     http_host: str = "127.0.0.1",
     http_port: int = 8080,
     mqtt_host: str = "127.0.0.1",
@@ -124,82 +248,37 @@ def serve(
     tls_ca: TlsCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
-    database_url: DatabaseUrl = None,
-    influx_url: InfluxUrl = None,
-    influx_db: InfluxDb = "zhilian",
-    influx_username: InfluxUser = None,
-    influx_password: InfluxPassword = None,
-    influx_token: InfluxToken = None,
-    rules: RulesFile = None,
-    webhook_url: WebhookUrl = None,
-    webhook_secret: WebhookSecret = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the ingest API and the MQTT bridge together."""
-    from zhilian.serve import serve as serve_
-
-    _logging(log_level)
-    _run(
-        lambda stop: serve_(
-            data_dir,
-            http_host,
-            http_port,
-            mqtt_host,
-            mqtt_port,
-            with_bridge=bridge,
-            stop=stop,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            database_url=database_url,
-            store_options={
-                **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
-                **_alarm_options(rules, webhook_url, webhook_secret),
-            },
-        )
-    )
+    _serve(
+        service, log_level, (mqtt_host, mqtt_port), (tls_ca, tls_cert, tls_key),
+        http_host=http_host, http_port=http_port, with_bridge=bridge,
+    )  # fmt: skip
 
 
 @app.command()
+@_service_command
 def ingest(
-    data_dir: Path = Path("zhilian-data"),
+    service: ServiceOptions,
     http_host: str = "127.0.0.1",
     http_port: int = 8080,
-    database_url: DatabaseUrl = None,
-    influx_url: InfluxUrl = None,
-    influx_db: InfluxDb = "zhilian",
-    influx_username: InfluxUser = None,
-    influx_password: InfluxPassword = None,
-    influx_token: InfluxToken = None,
-    rules: RulesFile = None,
-    webhook_url: WebhookUrl = None,
-    webhook_secret: WebhookSecret = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="--north-mqtt over mutual TLS: the broker's CA")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="--north-mqtt over mutual TLS: client certificate")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="--north-mqtt over mutual TLS: client key (0600)")] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run only the ingest API (the operator API; feed it with one or more `zhilian bridge`)."""
-    from zhilian.serve import serve as serve_
-
-    _logging(log_level)
-    store = {
-        **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
-        **_alarm_options(rules, webhook_url, webhook_secret),
-    }
-    _run(
-        lambda stop: serve_(
-            data_dir,
-            http_host,
-            http_port,
-            with_bridge=False,
-            stop=stop,
-            database_url=database_url,
-            store_options=store,
-        )
-    )
+    _serve(
+        service, log_level, None, (tls_ca, tls_cert, tls_key), http_host=http_host, http_port=http_port,
+        with_bridge=False,
+    )  # fmt: skip
 
 
 @app.command()
+@_service_command
 def bridge(
-    data_dir: Path = Path("zhilian-data"),
+    service: ServiceOptions,
     mqtt_host: str = "127.0.0.1",
     mqtt_port: int = 1883,
     share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group (several workers)")] = None,
@@ -207,40 +286,13 @@ def bridge(
     tls_ca: TlsCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
-    database_url: DatabaseUrl = None,
-    influx_url: InfluxUrl = None,
-    influx_db: InfluxDb = "zhilian",
-    influx_username: InfluxUser = None,
-    influx_password: InfluxPassword = None,
-    influx_token: InfluxToken = None,
-    rules: RulesFile = None,
-    webhook_url: WebhookUrl = None,
-    webhook_secret: WebhookSecret = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run only the MQTT bridge, storing into DATA_DIR's databases."""
-    from zhilian.serve import serve as serve_
-
-    _logging(log_level)
-    _run(
-        lambda stop: serve_(
-            data_dir,
-            mqtt_host=mqtt_host,
-            mqtt_port=mqtt_port,
-            with_api=False,
-            share_group=share_group,
-            client_id=client_id,
-            stop=stop,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            database_url=database_url,
-            store_options={
-                **_store_options(influx_url, influx_db, influx_username, influx_password, influx_token),
-                **_alarm_options(rules, webhook_url, webhook_secret),
-            },
-        )
-    )
+    _serve(
+        service, log_level, (mqtt_host, mqtt_port), (tls_ca, tls_cert, tls_key),
+        with_api=False, share_group=share_group, client_id=client_id,
+    )  # fmt: skip
 
 
 agent_app = typer.Typer(help="The edge agent (as on a vehicle board).")
@@ -475,7 +527,7 @@ def keys_tls_client(
 def keys_api(
     role: Annotated[str, typer.Option(help="admin, operator or viewer")] = "operator",
     name: str = "cli",
-    data_dir: Path = Path("zhilian-data"),
+    data_dir: DataDir = Path("zhilian-data"),
     database_url: DatabaseUrl = None,
 ) -> None:
     """Mint an operator API key straight into the registry (prints it once)."""
