@@ -19,12 +19,14 @@ from typing import Any
 import msgpack
 
 from protocol import signing
-from protocol.errors import DecodeError, EncodeError, SignatureError, UnsupportedVersionError
+from protocol.errors import DecodeError, EncodeError, SignatureError
+from protocol.signed_frame import SignedFrame
 from protocol.topics import validate_vin
 
 PROTOCOL_VERSION = 1
 MAX_ENVELOPE_BYTES = 512 * 1024
 _UINT64 = 2**64
+_FRAME = SignedFrame("envelope", MAX_ENVELOPE_BYTES, DecodeError, max_str_len=64, max_bin_len=MAX_ENVELOPE_BYTES)
 
 
 class Kind(enum.IntEnum):
@@ -100,57 +102,22 @@ def seal_envelope(envelope: Envelope, key: signing.DeviceKey) -> bytes:
         ],
         use_bin_type=True,
     )
-    out: bytes = msgpack.packb([signed, key.sign(signed)], use_bin_type=True)
-    if len(out) > MAX_ENVELOPE_BYTES:
-        raise EncodeError(f"envelope of {len(out)} bytes exceeds {MAX_ENVELOPE_BYTES}")
-    return out
-
-
-def _unpack(data: bytes, what: str) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_array_len=16,
-            max_map_len=0,
-            max_str_len=64,
-            max_bin_len=MAX_ENVELOPE_BYTES,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many unrelated types for bad input
-        raise DecodeError(f"{what} is not valid msgpack: {type(exc).__name__}") from None
+    return _FRAME.seal(signed, key)
 
 
 def parse_envelope(data: bytes) -> SignedEnvelope:
     """Parse wire bytes into a SignedEnvelope; raises only DecodeError (or its subclasses)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise DecodeError("envelope must be bytes")
-    if len(data) > MAX_ENVELOPE_BYTES:
-        raise DecodeError(f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}")
-    outer = _unpack(bytes(data), "envelope")
-    if not isinstance(outer, list) or len(outer) != 2:
-        raise DecodeError("envelope must be an array of 2: [signed, signature]")
-    signed, signature = outer
-    if not isinstance(signed, bytes) or not isinstance(signature, bytes):
-        raise DecodeError("envelope parts must be binary")
-    inner = _unpack(signed, "signed part")
+    signed, signature = _FRAME.split(data)
+    inner = _FRAME.unpack(signed, "signed part")
     if not isinstance(inner, list) or not inner:
         raise DecodeError("signed part must be a non-empty array")
     version = inner[0]
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise UnsupportedVersionError(f"unsupported envelope version {version!r}")
+    _FRAME.check_version(version, PROTOCOL_VERSION)
     if len(inner) != 9:
         raise DecodeError("a v1 signed part has 9 fields")
     _, vin, key_id, boot, seq, created_ms, kind, flags, body = inner
-    if not isinstance(vin, str):
-        raise DecodeError("vin must be a string")
-    try:
-        validate_vin(vin)
-    except Exception as exc:
-        raise DecodeError(str(exc)) from None
-    if not isinstance(key_id, bytes) or len(key_id) != signing.KEY_ID_LEN:
-        raise DecodeError(f"key_id must be {signing.KEY_ID_LEN} bytes")
+    _FRAME.check_vin(vin)
+    _FRAME.check_key_id(key_id)
     for name, value in (("boot", boot), ("seq", seq), ("created_ms", created_ms), ("flags", flags)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _UINT64:
             raise DecodeError(f"{name} must be an unsigned integer")

@@ -8,7 +8,8 @@ model's pack and vehicle variant (13S 24 Ah NMC for the e-bike, 20S 40 Ah for th
 more cells). A swapped-in pack is another pack with its own BMS: its barcode, cells and capacity are the state's.
 While the pack is out (`state.battery_present` false) nobody answers.
 
-Faults, for tests of the client's resilience:
+Faults, for tests of the client's resilience (all but the device-specific ones are simulators/uart_device.py's,
+shared with the controller emulator):
   sleep_after_s       the BMS dozes off after this much silence and drops the request that wakes it (also the
                       very first one) — the wake-up quirk of real boards;
   noise               up to this many random bytes of line noise before each answer;
@@ -22,16 +23,11 @@ Faults, for tests of the client's resilience:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import logging
 import math
-import random
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Unpack
 
 from edge_agent.devices.jbd import (
     OP_READ,
@@ -48,10 +44,8 @@ from edge_agent.devices.jbd import (
     encode_response,
     production_date_raw,
 )
-from simulators.pty_port import PtyPort
+from simulators.uart_device import DeviceOptions, UartDeviceEmulator
 from simulators.vehicle import VehicleModel, VehicleState
-
-log = logging.getLogger(__name__)
 
 CELL_SPREAD_MV = 6.0  # amplitude of the per-cell deviation from the mean: a healthy, balanced pack
 PROBE_STEP_C = 0.8  # each further NTC reads this much cooler than the hottest one
@@ -72,7 +66,13 @@ class JbdAnswer:
     state: VehicleState
 
 
-class JbdBmsEmulator:
+class JbdBmsEmulator(UartDeviceEmulator[JbdAnswer]):
+    NAME = "jbd bms"
+    DEVICE = "a BMS"
+    STUCK_QUANTITIES = STUCK_QUANTITIES
+    CHECKSUM_OFFSET = -2  # the checksum's low byte
+    MIN_TRUNCATED_LEN = 4  # start, register, status, length
+
     def __init__(
         self,
         model: VehicleModel,
@@ -82,69 +82,29 @@ class JbdBmsEmulator:
         *,
         nominal_ah: float | None = None,
         sleep_after_s: float | None = None,
-        noise: int = 0,
-        bad_checksum_every: int = 0,
-        truncate_every: int = 0,
-        stuck: Mapping[str, float] | None = None,
-        clock: Callable[[], float] = time.time,
-        log_maxlen: int = 1000,
+        **options: Unpack[DeviceOptions],
     ) -> None:
         variant = model.variant
         cells = model.cells if cells is None else cells  # the model's pack: its chemistry sets the cell count
         probes = variant.temperature_probes if probes is None else probes
         if not 1 <= cells <= 32 or not 0 <= probes <= 8:
             raise ValueError("cells must be in 1..32 and probes in 0..8")
-        self.model = model
+        super().__init__(model, **options)
         self.cells = cells
         self.probes = probes
         self.barcode = f"{variant.barcode_prefix}-{model.seed % 1_000_000:06d}" if barcode is None else barcode
         self.nominal_ah = model.nominal_ah if nominal_ah is None else nominal_ah
         self.sleep_after_s = sleep_after_s
-        self.noise = noise
-        self.bad_checksum_every = bad_checksum_every
-        self.truncate_every = truncate_every
-        self.stuck = stuck or {}
-        self.clock = clock
-        self.log: deque[JbdAnswer] = deque(maxlen=log_maxlen)
         self.answers = 0  # answers sent (faulty ones included), the base of the every-N faults
         self.dropped_asleep = 0
         self.absent = 0  # requests unanswered because the pack was out (a swap)
-        self.write_failures = 0
-        self.port = ""
         self.decoder = JbdRequestDecoder()
-        self._rng = random.Random(model.seed)
         self._cycles = 40 + model.seed % 400
         self._spread = _cell_offsets(cells, model.seed)
         self._own_barcode = model.packs[0].barcode  # the pack the vehicle came with; others bring their own BMS
         self._last_request_mono: float | None = None
-        self._pty = PtyPort(on_data=self._on_data)
-
-    async def start(self) -> None:
-        if self._pty.is_open:
-            raise RuntimeError("emulator already started")
-        self.port = self._pty.open()
-        log.info("jbd bms emulator started", extra={"port": self.port})
-
-    async def stop(self) -> None:
-        self._pty.close()
-
-    @property
-    def stuck(self) -> dict[str, float]:
-        return dict(self._stuck)
-
-    @stuck.setter
-    def stuck(self, levels: Mapping[str, float]) -> None:
-        unknown = set(levels) - STUCK_QUANTITIES
-        if unknown:
-            raise ValueError(f"a BMS cannot have {sorted(unknown)} stuck; it measures {sorted(STUCK_QUANTITIES)}")
-        # Any: every STUCK_QUANTITIES field is a float, which mypy cannot tell from VehicleState's int ones.
-        self._stuck: dict[str, Any] = {name: float(level) for name, level in levels.items()}
 
     # -- what the BMS would say ---------------------------------------------------------------------------
-
-    def measured(self, state: VehicleState) -> VehicleState:
-        """The model's state as this BMS's sensors see it: stuck quantities at their levels."""
-        return dataclasses.replace(state, **self._stuck) if self._stuck else state
 
     def pack_of(self, state: VehicleState) -> tuple[str, int, float]:
         """(barcode, cells, nominal Ah) of the pack in the vehicle at `state`: this emulator's configuration while
@@ -232,25 +192,9 @@ class JbdBmsEmulator:
             status, payload = self._payload(request.register, state)
         else:
             status, payload = STATUS_ERROR, b""  # this emulator is read-only
-        frame = bytearray(encode_response(request.register, payload, status))
         self.answers += 1
-        fault = ""
-        if self.bad_checksum_every and self.answers % self.bad_checksum_every == 0:
-            frame[-2] ^= 0x5A
-            fault = "bad_checksum"
-        elif self.truncate_every and self.answers % self.truncate_every == 0:
-            del frame[max(4, len(frame) // 2) :]
-            fault = "truncated"
-        noise = bytes(self._rng.randrange(256) for _ in range(self._rng.randint(0, self.noise)))
-        if not self._write(noise + frame):
-            fault = "write_failed"
+        fault = self._transmit(encode_response(request.register, payload, status), self.answers)
         self.log.append(JbdAnswer(state.t, request.register, status, payload, fault, state))
-
-    def _write(self, data: bytes) -> bool:
-        if not self._pty.write(data):  # nobody drains the pty; the client will retry
-            self.write_failures += 1
-            return False
-        return True
 
 
 def _cell_offsets(cells: int, seed: int) -> list[float]:

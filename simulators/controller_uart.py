@@ -8,7 +8,8 @@ current a fixed multiple of it; the brake is on while the model decelerates, the
 the current while it is driven. Config reads are answered at once. Speed limit, wheel size, pole pairs and the
 current that means full throttle default to the model's vehicle variant.
 
-Faults, for tests of the client's resilience:
+Faults, for tests of the client's resilience (all but the device-specific ones are simulators/uart_device.py's,
+shared with the BMS emulator):
   noise                  up to this many random bytes of line noise before each frame;
   bad_checksum_every     every Nth frame sent carries a wrong checksum;
   truncate_every         every Nth frame sent is cut off before its end;
@@ -23,15 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import logging
 import math
-import random
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Unpack
 
 from edge_agent.devices.controller import (
     TYPE_CONFIG,
@@ -44,10 +39,8 @@ from edge_agent.devices.controller import (
     build_status,
     encode_frame,
 )
-from simulators.pty_port import PtyPort
+from simulators.uart_device import DeviceOptions, UartDeviceEmulator
 from simulators.vehicle import VehicleModel, VehicleState
-
-log = logging.getLogger(__name__)
 
 PHASE_TO_SUPPLY = 1.6  # phase current exceeds the DC current at part duty cycle; a fixed ratio is plausible enough
 ACCEL_WINDOW_S = 0.5  # the speed change over this window decides "braking"
@@ -69,7 +62,13 @@ class ControllerSent:
     state: VehicleState
 
 
-class ControllerEmulator:
+class ControllerEmulator(UartDeviceEmulator[ControllerSent]):
+    NAME = "controller"
+    DEVICE = "a controller"
+    STUCK_QUANTITIES = STUCK_QUANTITIES
+    CHECKSUM_OFFSET = -3  # the checksum, before the CR LF end
+    MIN_TRUNCATED_LEN = 3  # start, type, length
+
     def __init__(
         self,
         model: VehicleModel,
@@ -82,19 +81,14 @@ class ControllerEmulator:
         faults: int = 0,
         motor_sensor: bool = True,
         period_s: float = 0.2,
-        noise: int = 0,
-        bad_checksum_every: int = 0,
-        truncate_every: int = 0,
         tamper_speed_limit_kmh: float | None = None,
-        stuck: Mapping[str, float] | None = None,
-        clock: Callable[[], float] = time.time,
-        log_maxlen: int = 1000,
+        **options: Unpack[DeviceOptions],
     ) -> None:
         variant = model.variant
         wheel_inch = variant.wheel_inch if wheel_inch is None else wheel_inch
         if period_s <= 0 or wheel_inch <= 0:
             raise ValueError("period_s and wheel_inch must be positive")
-        self.model = model
+        super().__init__(model, **options)
         self.speed_limit_kmh = variant.speed_limit_kmh if speed_limit_kmh is None else speed_limit_kmh
         self.wheel_inch = wheel_inch
         self.pole_pairs = variant.pole_pairs if pole_pairs is None else pole_pairs
@@ -105,28 +99,15 @@ class ControllerEmulator:
         self.faults = faults
         self.motor_sensor = motor_sensor
         self.period_s = period_s
-        self.noise = noise
-        self.bad_checksum_every = bad_checksum_every
-        self.truncate_every = truncate_every
         self.tamper_speed_limit_kmh = tamper_speed_limit_kmh
-        self.stuck = stuck or {}
-        self.clock = clock
-        self.log: deque[ControllerSent] = deque(maxlen=log_maxlen)
         self.sent = 0  # frames sent (faulty ones included), the base of the every-N faults
         self.config_reads = 0
-        self.write_failures = 0
-        self.port = ""
         self.decoder = ControllerRequestDecoder()
-        self._rng = random.Random(model.seed)
-        self._pty = PtyPort(on_data=self._on_data)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self._pty.is_open:
-            raise RuntimeError("emulator already started")
-        self.port = self._pty.open()
+        await super().start()
         self._task = asyncio.create_task(self._stream(), name=f"controller-emulator:{self.port}")
-        log.info("controller emulator started", extra={"port": self.port})
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -134,27 +115,9 @@ class ControllerEmulator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=2.0)
-        self._pty.close()
-
-    @property
-    def stuck(self) -> dict[str, float]:
-        return dict(self._stuck)
-
-    @stuck.setter
-    def stuck(self, levels: Mapping[str, float]) -> None:
-        unknown = set(levels) - STUCK_QUANTITIES
-        if unknown:
-            raise ValueError(
-                f"a controller cannot have {sorted(unknown)} stuck; it measures {sorted(STUCK_QUANTITIES)}"
-            )
-        # Any: every STUCK_QUANTITIES field is a float, which mypy cannot tell from VehicleState's int ones.
-        self._stuck: dict[str, Any] = {name: float(level) for name, level in levels.items()}
+        await super().stop()
 
     # -- what the controller would say --------------------------------------------------------------------
-
-    def measured(self, state: VehicleState) -> VehicleState:
-        """The model's state as this controller's sensors see it: stuck quantities at their levels."""
-        return dataclasses.replace(state, **self._stuck) if self._stuck else state
 
     def status(self, state: VehicleState, earlier: VehicleState | None = None) -> ControllerStatus:
         """`earlier`: a state shortly before, if the caller has one (else the model is asked ACCEL_WINDOW_S back)."""
@@ -218,22 +181,6 @@ class ControllerEmulator:
                 self._send(TYPE_CONFIG, build_config(self.config(state)), state)
 
     def _send(self, frame_type: int, payload: bytes, state: VehicleState) -> None:
-        frame = bytearray(encode_frame(frame_type, payload))
         self.sent += 1
-        fault = ""
-        if self.bad_checksum_every and self.sent % self.bad_checksum_every == 0:
-            frame[-3] ^= 0x5A
-            fault = "bad_checksum"
-        elif self.truncate_every and self.sent % self.truncate_every == 0:
-            del frame[max(3, len(frame) // 2) :]
-            fault = "truncated"
-        noise = bytes(self._rng.randrange(256) for _ in range(self._rng.randint(0, self.noise)))
-        if not self._write(noise + frame):
-            fault = "write_failed"
+        fault = self._transmit(encode_frame(frame_type, payload), self.sent)
         self.log.append(ControllerSent(state.t, frame_type, payload, fault, state))
-
-    def _write(self, data: bytes) -> bool:
-        if not self._pty.write(data):  # nobody drains the pty
-            self.write_failures += 1
-            return False
-        return True

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -38,8 +38,7 @@ from edge_agent.devices.controller_uart import ControllerSource
 from edge_agent.sources import ValueSource
 from protocol.catalogue import Value, load_catalogue
 from simulators.controller_uart import ControllerEmulator, ControllerSent
-from simulators.route import route_for
-from simulators.vehicle import VehicleModel
+from tests.uart_support import connected, replug, ride_model, wait_for
 
 CATALOGUE = load_catalogue()
 M = "Powertrain.ElectricMotor."
@@ -213,14 +212,6 @@ def test_bad_checksum_framing_and_echo_are_counted_and_dropped() -> None:
 # -- emulator ↔ source over a pty ----------------------------------------------------------------------------
 
 
-async def _wait_for(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
-
-
 def _sent(emulator: ControllerEmulator, frame_type: int) -> list[ControllerSent]:
     return [s for s in emulator.log if s.type == frame_type and s.fault == ""]
 
@@ -247,24 +238,14 @@ def _check_against_emulator(values: dict[str, Value], emulator: ControllerEmulat
         assert CATALOGUE.by_name(name).in_range(value)
 
 
-def _model(seed: int) -> VehicleModel:
-    return VehicleModel(route_for(seed), seed=seed, start_time=time.time() - 900)
-
-
 def test_source_delivers_what_the_emulator_sent() -> None:
     async def run() -> None:
-        emulator = ControllerEmulator(_model(5), period_s=0.05, tamper_speed_limit_kmh=45.0)
-        await emulator.start()
-        source = ControllerSource(emulator.port, config_poll_s=0.3, timeout_s=0.2)
-        _: ValueSource = source
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["config_responses"] >= 3, 5.0)
-            await _wait_for(lambda: source.counters["status_frames"] >= 10, 5.0)
+        emulator = ControllerEmulator(ride_model(5), period_s=0.05, tamper_speed_limit_kmh=45.0)
+        async with connected(emulator, partial(ControllerSource, config_poll_s=0.3, timeout_s=0.2)) as source:
+            _: ValueSource = source
+            await wait_for(lambda: source.counters["config_responses"] >= 3, 5.0)
+            await wait_for(lambda: source.counters["status_frames"] >= 10, 5.0)
             values = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         _check_against_emulator(values, emulator)
         assert values[M + "ConfiguredSpeedLimit"] == 45.0  # the derestricted controller shows itself
         c = source.counters
@@ -280,19 +261,13 @@ def test_source_delivers_what_the_emulator_sent() -> None:
 def test_source_rides_through_noise_bad_checksums_and_truncation() -> None:
     async def run() -> None:
         emulator = ControllerEmulator(
-            _model(8), period_s=0.03, noise=24, bad_checksum_every=5, truncate_every=7, motor_sensor=True
+            ride_model(8), period_s=0.03, noise=24, bad_checksum_every=5, truncate_every=7, motor_sensor=True
         )
-        await emulator.start()
-        source = ControllerSource(emulator.port, config_poll_s=0.2, timeout_s=0.1)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["status_frames"] >= 40, 8.0)
-            await _wait_for(lambda: source.counters["config_responses"] >= 2, 8.0)
-            await _wait_for(lambda: len(source.read(time.time())) == 14, 5.0)
+        async with connected(emulator, partial(ControllerSource, config_poll_s=0.2, timeout_s=0.1)) as source:
+            await wait_for(lambda: source.counters["status_frames"] >= 40, 8.0)
+            await wait_for(lambda: source.counters["config_responses"] >= 2, 8.0)
+            await wait_for(lambda: len(source.read(time.time())) == 14, 5.0)
             values = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         _check_against_emulator(values, emulator)
         c = source.counters
         faults = [s.fault for s in emulator.log]
@@ -309,45 +284,29 @@ def test_source_rides_through_noise_bad_checksums_and_truncation() -> None:
 def test_source_survives_the_port_vanishing(tmp_path: Path) -> None:
     # The agent opens a stable name (as udev's /dev/controller symlink would be); the pty goes and comes back.
     link = tmp_path / "ctrl0"
-
-    async def run() -> None:
-        model = _model(2)
-        first = ControllerEmulator(model, period_s=0.05, firmware="FW-A")
-        await first.start()
-        link.symlink_to(first.port)
-        source = ControllerSource(str(link), config_poll_s=5.0, timeout_s=0.1, retry_initial_s=0.05, retry_max_s=0.2)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.read(time.time()).get(M + "FirmwareVersion") == "FW-A", 5.0)
-            await first.stop()  # pty gone: the source sees a hang-up
-            await _wait_for(lambda: source.counters["disconnects"] == 1, 5.0)
-            assert source.read(time.time()) == {}  # nothing of a controller that may not be there any more
-            link.unlink()
-            await asyncio.sleep(0.3)  # a few failed reopens while the port is missing
-            assert not source.connected
-            second = ControllerEmulator(model, period_s=0.05, firmware="FW-B", wheel_inch=20.0)
-            await second.start()
-            link.symlink_to(second.port)
-            await _wait_for(lambda: source.read(time.time()).get(M + "FirmwareVersion") == "FW-B", 5.0)
-            values = source.read(time.time())
-            await second.stop()
-        finally:
-            await source.stop()
-        assert source.counters["reconnects"] == 1
-        assert values["Chassis.Wheel.Size"] == 20.0
-        _check_against_emulator(values, second)
-
-    asyncio.run(run())
+    model = ride_model(2)
+    second = ControllerEmulator(model, period_s=0.05, firmware="FW-B", wheel_inch=20.0)
+    source = ControllerSource(str(link), config_poll_s=5.0, timeout_s=0.1, retry_initial_s=0.05, retry_max_s=0.2)
+    values = asyncio.run(
+        replug(
+            link,
+            ControllerEmulator(model, period_s=0.05, firmware="FW-A"),
+            second,
+            source,
+            lambda values: values.get(M + "FirmwareVersion") == "FW-A",
+            lambda values: values.get(M + "FirmwareVersion") == "FW-B",
+        )
+    )
+    assert values["Chassis.Wheel.Size"] == 20.0
+    _check_against_emulator(values, second)
 
 
 def test_config_is_asked_again_when_the_controller_resumes_after_silence() -> None:
     async def run() -> None:
-        emulator = ControllerEmulator(_model(3), period_s=0.05)
-        await emulator.start()
-        source = ControllerSource(emulator.port, config_poll_s=60.0, timeout_s=0.2, stale_after_s=0.3)
-        await source.start()
-        try:
-            await _wait_for(lambda: M + "PolePairs" in source.read(time.time()), 5.0)
+        emulator = ControllerEmulator(ride_model(3), period_s=0.05)
+        source_for = partial(ControllerSource, config_poll_s=60.0, timeout_s=0.2, stale_after_s=0.3)
+        async with connected(emulator, source_for) as source:
+            await wait_for(lambda: M + "PolePairs" in source.read(time.time()), 5.0)
             assert emulator.config_reads == 1
             assert emulator._task is not None
             emulator._task.cancel()  # the controller goes quiet (rebooting) ...
@@ -355,23 +314,8 @@ def test_config_is_asked_again_when_the_controller_resumes_after_silence() -> No
             assert source.read(time.time()) == {}
             emulator.pole_pairs = 10  # ... and comes back configured otherwise
             emulator._task = asyncio.get_running_loop().create_task(emulator._stream())
-            await _wait_for(lambda: source.read(time.time()).get(M + "PolePairs") == 10, 5.0)
+            await wait_for(lambda: source.read(time.time()).get(M + "PolePairs") == 10, 5.0)
             assert emulator.config_reads == 2
-        finally:
-            await source.stop()
-            await emulator.stop()
-
-    asyncio.run(run())
-
-
-def test_source_start_tolerates_a_missing_port(tmp_path: Path) -> None:
-    async def run() -> None:
-        source = ControllerSource(str(tmp_path / "absent"), retry_initial_s=0.05, retry_max_s=0.1)
-        await source.start()
-        await asyncio.sleep(0.3)
-        assert not source.connected and source.read(time.time()) == {}
-        await source.stop()
-        assert source.counters["reconnects"] == 0
 
     asyncio.run(run())
 
@@ -391,7 +335,7 @@ stuck_levels = st.fixed_dictionaries(
 
 @given(stuck_levels, st.floats(0.0, 7200.0))
 def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels: dict[str, float], t: float) -> None:
-    model = _model(4)
+    model = ride_model(4)
     emulator = ControllerEmulator(model, stuck=levels)
     state = model.state_at(model.start_time + t)
     measured = {n: getattr(state, n) for n in ("speed_kmh", "motor_temp_c", "controller_temp_c", "pack_current_a")}
@@ -408,33 +352,18 @@ def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels:
         assert not status.brake  # a speed that does not change is no deceleration
 
 
-def test_only_what_a_controller_measures_can_be_stuck() -> None:
-    with pytest.raises(ValueError, match="soc_pct"):
-        ControllerEmulator(_model(1), stuck={"soc_pct": 50.0})
-    emulator = ControllerEmulator(_model(1))
-    with pytest.raises(ValueError, match="heading_deg"):
-        emulator.stuck = {"heading_deg": 0.0}
-    assert emulator.stuck == {}
-
-
 def test_source_reads_the_stuck_values_while_the_model_moves_on() -> None:
     async def run() -> None:
-        model = _model(5)
+        model = ride_model(5)
         emulator = ControllerEmulator(model, period_s=0.05, stuck={"speed_kmh": 12.3, "controller_temp_c": 96.0})
-        await emulator.start()
-        source = ControllerSource(emulator.port, config_poll_s=0.3, timeout_s=0.2)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["status_frames"] >= 10, 5.0)
-            await _wait_for(lambda: M + "PolePairs" in source.read(time.time()), 5.0)
+        async with connected(emulator, partial(ControllerSource, config_poll_s=0.3, timeout_s=0.2)) as source:
+            await wait_for(lambda: source.counters["status_frames"] >= 10, 5.0)
+            await wait_for(lambda: M + "PolePairs" in source.read(time.time()), 5.0)
             frozen = source.read(time.time())
             emulator.stuck = {}  # the sensor recovers: the source follows the model again
             sent_frozen = _sent(emulator, TYPE_STATUS)
-            await _wait_for(lambda: source.read(time.time()).get(M + "ControllerTemperature") != 96.0, 5.0)
+            await wait_for(lambda: source.read(time.time()).get(M + "ControllerTemperature") != 96.0, 5.0)
             recovered = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         # The model itself is elsewhere: what the agent read comes from the stuck sensors.
         truth = [model.state_at(s.t) for s in sent_frozen]
         assert all(abs(s.speed_kmh - 12.3) > 1 and s.controller_temp_c < 80 for s in truth)

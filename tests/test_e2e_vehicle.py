@@ -12,13 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.agent import EdgeAgent
-from edge_agent.config import AgentConfig
-from protocol import DeviceKey, load_catalogue
+from protocol import load_catalogue
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
 from simulators.vehicle import SyntheticPowertrain, VehicleModel
 from tests.conftest import running_stack, wait_until
+from tests.e2e_devices import PACK, check_stored_configuration, check_stored_pack, collect_device_samples, new_agent
 from zhilian.broker import MosquittoProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -42,23 +41,10 @@ def test_emulated_samples_arrive_unchanged_at_the_operator_api(
 
 async def _scenario(tmp_path: Path, broker: MosquittoProcess, talker: str) -> None:
     vin = "LZHE2E0000000000" + ("1" if talker == "GN" else "2")
-    key_file = tmp_path / "device.key"
-    DeviceKey.generate().save(key_file)
     model = VehicleModel(route_for(3), seed=3, start_time=time.time() - 600)  # ten minutes into a ride
     emulator = GnssEmulator(model, rate_hz=4.0, talker=talker)
     await emulator.start()
-    agent = EdgeAgent(
-        AgentConfig(
-            vin=vin,
-            key_file=key_file,
-            state_dir=tmp_path / "agent",
-            broker_host=broker.host,
-            broker_port=broker.port,
-            gnss_port=emulator.port,
-            batch_interval_s=0.5,
-        ),
-        sources=[SyntheticPowertrain(model)],
-    )
+    agent = new_agent(tmp_path, broker, vin, [SyntheticPowertrain(model)], gnss_port=emulator.port)
     powertrain = SyntheticPowertrain(model)
     stop_agent = asyncio.Event()
     try:
@@ -129,9 +115,6 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     from simulators.bms_jbd import JbdBmsEmulator
     from simulators.controller_uart import ControllerEmulator
 
-    vin = "LZHE2EBMS00000003"
-    key_file = tmp_path / "device.key"
-    DeviceKey.generate().save(key_file)
     model = VehicleModel(route_for(5), seed=5, start_time=time.time() - 900)
     gnss = GnssEmulator(model, rate_hz=4.0)
     bms = JbdBmsEmulator(model, cells=13, probes=2, barcode="ZL48V24AH-E2E001", noise=3)
@@ -139,39 +122,18 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     await gnss.start()
     await bms.start()
     await controller.start()
-    agent = EdgeAgent(
-        AgentConfig(
-            vin=vin,
-            key_file=key_file,
-            state_dir=tmp_path / "agent",
-            broker_host=broker.host,
-            broker_port=broker.port,
+    try:
+        got = await collect_device_samples(
+            tmp_path,
+            broker,
+            "LZHE2EBMS00000003",
+            timeout=30,
             gnss_port=gnss.port,
             bms_port=bms.port,
             bms_poll_interval_s=0.25,
             controller_port=controller.port,
-            batch_interval_s=0.5,
         )
-    )
-    stop_agent = asyncio.Event()
-    pack = "Powertrain.TractionBattery."
-    try:
-        async with running_stack(tmp_path / "ingest", broker) as stack:
-            stack.service.registry.register_device(vin, agent.key.public_raw)
-            task = asyncio.create_task(agent.run(stop_agent))
-
-            def device_rows() -> int:
-                """Samples that carry both a BMS and a controller value."""
-                got = stack.service.store.query(vin, 0, 2**62, [pack + "CurrentVoltage", "Speed"], 10000)
-                both = zip(got.columns[pack + "CurrentVoltage"], got.columns["Speed"], strict=True)
-                return sum(v is not None and s is not None for v, s in both)
-
-            await wait_until(lambda: device_rows() >= 8, timeout=30)
-            stop_agent.set()
-            await asyncio.wait_for(task, 15)
-            got = stack.service.store.query(vin, 0, 2**62, None, 10000)
     finally:
-        stop_agent.set()
         await gnss.stop()
         await bms.stop()
         await controller.stop()
@@ -179,12 +141,10 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     answers = [a.state for a in bms.log if a.register == REG_BASIC_INFO and a.fault == "" and a.status == 0]
     assert answers, "the BMS emulator never answered"
     cols = got.columns
-    checked = 0
-    for i in range(len(got.timestamps)):
-        volt = cols[pack + "CurrentVoltage"][i]
-        if volt is None:
-            continue  # samples taken before the first BMS poll completed
-        soc, cur = cols[pack + "StateOfCharge"][i], cols[pack + "CurrentCurrent"][i]
+    # Samples with a pack voltage (not those taken before the first BMS poll completed) carry every cell.
+    for i in check_stored_pack(got, 13, every_cell=True):
+        volt = cols[PACK + "CurrentVoltage"][i]
+        soc, cur = cols[PACK + "StateOfCharge"][i], cols[PACK + "CurrentCurrent"][i]
         # JBD resolutions: 10 mV, 10 mA, 1 % SOC — the value must be one the BMS actually reported.
         assert any(
             abs(s.pack_voltage_v - volt) <= 0.0051
@@ -192,14 +152,9 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
             and abs(s.soc_pct - soc) <= 0.51
             for s in answers
         ), (volt, cur, soc)
-        cells = [cols[f"{pack}CellVoltage.Cell{k}"][i] for k in range(1, 14)]
-        assert None not in cells and cols[f"{pack}CellVoltage.Cell14"][i] is None
-        assert sum(cells) == pytest.approx(volt, abs=0.011)  # the cells make up the pack
-        assert cols[pack + "CellCount"][i] == 13
-        assert cols[pack + "Barcode"][i] in (None, "ZL48V24AH-E2E001")
-        checked += 1
-    assert checked >= 8
-    assert "ZL48V24AH-E2E001" in cols[pack + "Barcode"]
+        assert cols[PACK + "CellCount"][i] == 13
+        assert cols[PACK + "Barcode"][i] in (None, "ZL48V24AH-E2E001")
+    assert "ZL48V24AH-E2E001" in cols[PACK + "Barcode"]
     # Controller values are ones a status frame carried; the tampered speed limit arrives as configured.
     sent = [parse_status(f.payload) for f in controller.log if f.type == TYPE_STATUS and f.fault == ""]
     frames = {(st.speed_kmh, st.motor_rpm) for st in sent}
@@ -207,5 +162,4 @@ async def _bms_scenario(tmp_path: Path, broker: MosquittoProcess) -> None:
     with_controller = [sp for sp in speeds if sp[0] is not None]
     assert len(with_controller) >= 8
     assert all(sp in frames for sp in with_controller), set(with_controller) - frames
-    limits = {v for v in cols["Powertrain.ElectricMotor.ConfiguredSpeedLimit"] if v is not None}
-    assert limits == {45.0}
+    check_stored_configuration(got, cells=13, speed_limit_kmh=45.0)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -39,8 +39,7 @@ from edge_agent.devices.jbd_uart import JbdBmsSource
 from edge_agent.sources import ValueSource
 from protocol.catalogue import Value, load_catalogue
 from simulators.bms_jbd import JbdAnswer, JbdBmsEmulator
-from simulators.route import route_for
-from simulators.vehicle import VehicleModel
+from tests.uart_support import connected, replug, ride_model, wait_for
 
 CATALOGUE = load_catalogue()
 P = "Powertrain.TractionBattery."
@@ -218,14 +217,6 @@ def test_request_decoder_reads_what_the_client_sends() -> None:
 # -- emulator ↔ source over a pty ----------------------------------------------------------------------------
 
 
-async def _wait_for(condition: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
-
-
 def _answered(emulator: JbdBmsEmulator, register: int) -> list[JbdAnswer]:
     return [a for a in emulator.log if a.register == register and a.fault == "" and a.status == 0]
 
@@ -257,23 +248,13 @@ def _check_against_emulator(values: dict[str, Value], emulator: JbdBmsEmulator) 
         assert CATALOGUE.by_name(name).in_range(value)
 
 
-def _model(seed: int) -> VehicleModel:
-    return VehicleModel(route_for(seed), seed=seed, start_time=time.time() - 900)
-
-
 def test_source_delivers_what_the_emulator_answered() -> None:
     async def run() -> None:
-        emulator = JbdBmsEmulator(_model(5), cells=13, probes=3)
-        await emulator.start()
-        source = JbdBmsSource(emulator.port, poll_interval_s=0.1, timeout_s=0.2)
-        _: ValueSource = source
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["polls"] >= 4, 5.0)
+        emulator = JbdBmsEmulator(ride_model(5), cells=13, probes=3)
+        async with connected(emulator, partial(JbdBmsSource, poll_interval_s=0.1, timeout_s=0.2)) as source:
+            _: ValueSource = source
+            await wait_for(lambda: source.counters["polls"] >= 4, 5.0)
             values = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         assert len([k for k in values if "CellVoltage.Cell" in k]) == 13 and P + "Temperature.Probe3" in values
         _check_against_emulator(values, emulator)
         c = source.counters
@@ -288,21 +269,16 @@ def test_source_delivers_what_the_emulator_answered() -> None:
 def test_source_rides_through_noise_bad_checksums_truncation_and_wakeup() -> None:
     async def run() -> None:
         emulator = JbdBmsEmulator(
-            _model(8),
+            ride_model(8),
             sleep_after_s=0.15,  # longer than the gap between a poll's requests, shorter than between polls
             noise=24,
             bad_checksum_every=5,
             truncate_every=7,
         )
-        await emulator.start()
-        source = JbdBmsSource(emulator.port, poll_interval_s=0.3, timeout_s=0.1, retries=3)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["polls"] >= 6, 8.0)
+        source_for = partial(JbdBmsSource, poll_interval_s=0.3, timeout_s=0.1, retries=3)
+        async with connected(emulator, source_for) as source:
+            await wait_for(lambda: source.counters["polls"] >= 6, 8.0)
             values = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         _check_against_emulator(values, emulator)
         c = source.counters
         faults = [a.fault for a in emulator.log]
@@ -321,47 +297,19 @@ def test_source_rides_through_noise_bad_checksums_truncation_and_wakeup() -> Non
 def test_source_survives_the_port_vanishing(tmp_path: Path) -> None:
     # The agent opens a stable name (as udev's /dev/bms symlink would be); the pty behind it goes and comes back.
     link = tmp_path / "bms0"
-
-    async def run() -> None:
-        model = _model(2)
-        first = JbdBmsEmulator(model, barcode="PACK-A")
-        await first.start()
-        link.symlink_to(first.port)
-        source = JbdBmsSource(str(link), poll_interval_s=0.1, timeout_s=0.1, retry_initial_s=0.05, retry_max_s=0.2)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.read(time.time()).get(P + "Barcode") == "PACK-A", 5.0)
-            await first.stop()  # pty gone: the source sees a hang-up
-            await _wait_for(lambda: source.counters["disconnects"] == 1, 5.0)
-            assert source.read(time.time()) == {}  # nothing of a pack that may not be there any more
-            link.unlink()
-            await asyncio.sleep(0.3)  # a few failed reopens while the port is missing
-            assert not source.connected
-            second = JbdBmsEmulator(model, barcode="PACK-B", cells=16)  # another pack was plugged in
-            await second.start()
-            link.symlink_to(second.port)
-            await _wait_for(lambda: source.read(time.time()).get(P + "Barcode") == "PACK-B", 5.0)
-            await _wait_for(lambda: P + "CellVoltage.Cell16" in source.read(time.time()), 5.0)
-            values = source.read(time.time())
-            await second.stop()
-        finally:
-            await source.stop()
-        assert source.counters["reconnects"] == 1
-        assert len([k for k in values if "CellVoltage.Cell" in k]) == 16
-
-    asyncio.run(run())
-
-
-def test_source_start_tolerates_a_missing_port(tmp_path: Path) -> None:
-    async def run() -> None:
-        source = JbdBmsSource(str(tmp_path / "absent"), retry_initial_s=0.05, retry_max_s=0.1)
-        await source.start()
-        await asyncio.sleep(0.3)
-        assert not source.connected and source.read(time.time()) == {}
-        await source.stop()
-        assert source.counters["reconnects"] == 0
-
-    asyncio.run(run())
+    model = ride_model(2)
+    source = JbdBmsSource(str(link), poll_interval_s=0.1, timeout_s=0.1, retry_initial_s=0.05, retry_max_s=0.2)
+    values = asyncio.run(
+        replug(
+            link,
+            JbdBmsEmulator(model, barcode="PACK-A"),
+            JbdBmsEmulator(model, barcode="PACK-B", cells=16),  # another pack was plugged in
+            source,
+            lambda values: values.get(P + "Barcode") == "PACK-A",
+            lambda values: values.get(P + "Barcode") == "PACK-B" and P + "CellVoltage.Cell16" in values,
+        )
+    )
+    assert len([k for k in values if "CellVoltage.Cell" in k]) == 16
 
 
 # -- stuck values (fault injection) --------------------------------------------------------------------------
@@ -379,7 +327,7 @@ stuck_levels = st.fixed_dictionaries(
 
 @given(stuck_levels, st.floats(0.0, 7200.0))
 def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels: dict[str, float], t: float) -> None:
-    model = _model(4)
+    model = ride_model(4)
     emulator = JbdBmsEmulator(model, cells=16, probes=3, stuck=levels)
     state = model.state_at(model.start_time + t)
     measured = {**{n: getattr(state, n) for n in ("pack_voltage_v", "pack_current_a", "soc_pct")}, **levels}
@@ -393,24 +341,12 @@ def test_stuck_quantities_are_reported_at_their_level_whatever_the_model(levels:
     assert sum(emulator.cell_millivolts(state)) == round(measured["pack_voltage_v"] * 1000)
 
 
-def test_only_what_a_bms_measures_can_be_stuck() -> None:
-    with pytest.raises(ValueError, match="speed_kmh"):
-        JbdBmsEmulator(_model(1), stuck={"speed_kmh": 0.0})
-    emulator = JbdBmsEmulator(_model(1))
-    with pytest.raises(ValueError, match="lat"):
-        emulator.stuck = {"lat": 0.0}
-    assert emulator.stuck == {}
-
-
 def test_source_reads_the_stuck_values_while_the_model_moves_on() -> None:
     async def run() -> None:
-        model = _model(5)
+        model = ride_model(5)
         emulator = JbdBmsEmulator(model, cells=13, probes=3, stuck={"soc_pct": 3.0, "battery_temp_max_c": 61.5})
-        await emulator.start()
-        source = JbdBmsSource(emulator.port, poll_interval_s=0.1, timeout_s=0.2)
-        await source.start()
-        try:
-            await _wait_for(lambda: source.counters["polls"] >= 4, 5.0)
+        async with connected(emulator, partial(JbdBmsSource, poll_interval_s=0.1, timeout_s=0.2)) as source:
+            await wait_for(lambda: source.counters["polls"] >= 4, 5.0)
             frozen = source.read(time.time())
             answered = _answered(emulator, REG_BASIC_INFO)
             # The model itself is nowhere near those levels: what the agent reads comes from the stuck sensor.
@@ -427,12 +363,9 @@ def test_source_reads_the_stuck_values_while_the_model_moves_on() -> None:
                 values = source.read(time.time())
                 return round(sum(float(values.get(f"{P}CellVoltage.Cell{i}", 0)) for i in range(1, 14)) * 1000)
 
-            await _wait_for(lambda: source.read(time.time()).get(P + "CurrentVoltage") == 44.44, 5.0)
-            await _wait_for(lambda: cells_sum_mv() == 44_444, 5.0)  # the cells add up to the stuck pack voltage
+            await wait_for(lambda: source.read(time.time()).get(P + "CurrentVoltage") == 44.44, 5.0)
+            await wait_for(lambda: cells_sum_mv() == 44_444, 5.0)  # the cells add up to the stuck pack voltage
             values = source.read(time.time())
-        finally:
-            await source.stop()
-            await emulator.stop()
         assert values[P + "CurrentVoltage"] == 44.44
         assert values[P + "StateOfCharge"] == round(emulator.log[-1].state.soc_pct) != 3
 
