@@ -26,6 +26,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent import AGENT_VERSION
 from edge_agent.batcher import Batcher, Sealer, topic_for
 from edge_agent.bootcount import next_boot
 from edge_agent.commands import (
@@ -43,7 +44,7 @@ from edge_agent.sampling import Sampler, UnknownProfileError, VehicleMode
 from edge_agent.selfmetrics import ProcessMeter
 from edge_agent.sources import ValueSource
 from edge_agent.spool import SPOOL_FILE, Spool, SpoolError, SpoolWorker, backfill_flags
-from protocol import Catalogue, DeviceKey, EncodeError, Kind, encode_batch, load_catalogue
+from protocol import Catalogue, DeviceKey, EncodeError, Kind, ed25519, encode_batch, load_catalogue
 from protocol.batch import batch_from_rows
 from protocol.commands import ArgValue, CommandAck, CommandName, StatusReport, encode_ack, encode_status
 from protocol.tls import optional_client_context
@@ -88,7 +89,13 @@ class EdgeAgent:
         validate_vin(config.vin)
         self.config = config
         self.catalogue = catalogue or load_catalogue()
-        self.key = key or DeviceKey.load(config.key_file)
+        # Ed25519 from the libcrypto `ssl` already maps, not a second OpenSSL inside `cryptography` (≈ 10 MB RSS):
+        # signing, the key file and command verification all go through it (protocol/ed25519.py).
+        self.ed25519 = ed25519.select_backend(ed25519.AGENT_PREFERENCE, on_skip=_backend_skipped)
+        log.info(
+            "ed25519 backend", extra={"vin": config.vin, "backend": self.ed25519.name, "library": self.ed25519.library}
+        )
+        self.key = key or DeviceKey.load(config.key_file, self.ed25519)
         self.sources = list(sources)
         self.clock = clock
         self.boot = next_boot(config.state_dir)
@@ -226,7 +233,7 @@ class EdgeAgent:
             raise ConfigError("status_interval_s and reconnect_initial_s must be > 0, reconnect_max_s >= the latter")
         if cfg.command_clock_skew_s < 0 or cfg.command_max_horizon_s <= 0 or cfg.session_expiry_s < 0:
             raise ConfigError("command_clock_skew_s and session_expiry_s must be >= 0, command_max_horizon_s > 0")
-        trusted = load_cloud_keys(cfg.cloud_key_file) if cfg.cloud_key_file is not None else {}
+        trusted = load_cloud_keys(cfg.cloud_key_file, self.ed25519) if cfg.cloud_key_file is not None else {}
         if not trusted:
             log.warning("no cloud key configured: every command will be rejected as forged", extra={"vin": cfg.vin})
         store = ControlStateFile(cfg.state_dir)
@@ -237,6 +244,7 @@ class EdgeAgent:
             state.seen,
             skew_ms=int(cfg.command_clock_skew_s * 1000),
             horizon_ms=int(cfg.command_max_horizon_s * 1000),
+            backend=self.ed25519,
         )
         self.commands = CommandExecutor(
             gate,
@@ -256,7 +264,7 @@ class EdgeAgent:
         self._gnss: GnssReader | None = None
         self._speed_limit_changed = asyncio.Event()
         self._speed_limit_values: dict[str, float | int | bool | str] = {}
-        self._version = _agent_version()
+        self._version = AGENT_VERSION
         if state.profile is not None:
             self._apply_profile(state.profile)
 
@@ -641,10 +649,5 @@ def _topic_of(vin: str, kind: Kind) -> str:
     return topic(vin, Channel.CMD_ACK) if kind is Kind.COMMAND_ACK else topic_for(vin, kind)
 
 
-def _agent_version() -> str:
-    import importlib.metadata  # only here: it pulls in email and zipfile, which nothing else on the board needs
-
-    try:
-        return importlib.metadata.version("zhilian")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+def _backend_skipped(name: str, error: ed25519.Ed25519Unavailable) -> None:
+    log.warning("ed25519 backend unavailable, trying the next", extra={"backend": name, "error": str(error)})

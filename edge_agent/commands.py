@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from protocol import signing
+from protocol import ed25519, signing
 from protocol.commands import (
     COMMAND_ID_LEN,
     PROFILE_RE,
@@ -85,7 +85,7 @@ class ControlStateError(Exception):
 # --- trusted cloud keys --------------------------------------------------------------------------------------
 
 
-def load_cloud_keys(path: str | Path) -> dict[bytes, bytes]:
+def load_cloud_keys(path: str | Path, backend: ed25519.Ed25519Backend | None = None) -> dict[bytes, bytes]:
     """Trusted cloud public keys (key id → raw key) from a file of base64 raw Ed25519 keys, one per line.
 
     Several lines make rotation simple: install the new key next to the old one, then remove the old one once the
@@ -110,7 +110,7 @@ def load_cloud_keys(path: str | Path) -> dict[bytes, bytes]:
             continue
         try:
             raw = base64.b64decode(entry, validate=True)
-            signing.load_public_key(raw)
+            signing.load_public_key(raw, backend)
         except (binascii.Error, ValueError, SignatureError) as exc:
             raise ControlStateError(f"{path}:{number}: not a base64 Ed25519 public key ({exc})") from None
         keys[signing.key_id_for(raw)] = raw
@@ -235,6 +235,7 @@ class CommandGate:
         skew_ms: int = 30_000,
         horizon_ms: int = 7 * 86_400_000,
         max_seen: int = 4096,
+        backend: ed25519.Ed25519Backend | None = None,
     ) -> None:
         if skew_ms < 0 or horizon_ms <= 0 or max_seen < 1:
             raise ValueError("skew_ms must be >= 0, horizon_ms and max_seen positive")
@@ -244,6 +245,7 @@ class CommandGate:
         self.skew_ms = skew_ms
         self.horizon_ms = horizon_ms
         self.max_seen = max_seen
+        self.backend = backend  # the Ed25519 implementation commands are verified with (None: the default)
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
 
@@ -276,7 +278,7 @@ class CommandGate:
         except DecodeError as exc:
             return Verdict(Reason.MALFORMED, str(exc))
         try:
-            cmd = signed.verify(self.trusted_keys)
+            cmd = signed.verify(self.trusted_keys, self.backend)
         except SignatureError as exc:
             return Verdict(Reason.FORGED, str(exc))
         if cmd.vin != self.vin:

@@ -27,8 +27,9 @@ from typing import Any
 
 import msgpack
 
-from protocol import signing
-from protocol.errors import DecodeError, EncodeError, ProtocolError, SignatureError, UnsupportedVersionError
+from protocol import ed25519, signing
+from protocol.errors import DecodeError, EncodeError, ProtocolError, SignatureError
+from protocol.signed_frame import SignedFrame
 from protocol.topics import validate_vin
 
 COMMAND_TAG = "cmd"
@@ -83,6 +84,12 @@ class CommandArgsError(ProtocolError):
     reason = "bad_args"
 
 
+# The signed pair [signed, signature]; its limits also bound the ack and status bodies this module decodes.
+_FRAME = SignedFrame(
+    "command", MAX_COMMAND_BYTES, CommandDecodeError, max_str_len=MAX_DETAIL_LEN, max_bin_len=MAX_STATUS_BYTES
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     vin: str
@@ -103,14 +110,15 @@ class SignedCommand:
     signed: bytes
     signature: bytes
 
-    def verify(self, trusted: Mapping[bytes, bytes]) -> Command:
-        """Verify against the trusted cloud keys (key id → raw public key); raises SignatureError otherwise."""
+    def verify(self, trusted: Mapping[bytes, bytes], backend: ed25519.Ed25519Backend | None = None) -> Command:
+        """Verify against the trusted cloud keys (key id → raw public key); raises SignatureError otherwise.
+        `backend`: the Ed25519 implementation to verify with (default: `ed25519.default_backend()`)."""
         public_raw = trusted.get(self.command.key_id)
         if public_raw is None:
             raise SignatureError(f"command signed by untrusted key id {self.command.key_id.hex()}")
         if signing.key_id_for(public_raw) != self.command.key_id:
             raise SignatureError("trusted key table maps a key id to another key")
-        signing.verify(public_raw, self.signature, self.signed)
+        signing.verify(public_raw, self.signature, self.signed, backend)
         return self.command
 
 
@@ -181,55 +189,21 @@ def seal_command(command: Command, key: signing.DeviceKey) -> bytes:
         ],
         use_bin_type=True,
     )
-    out: bytes = msgpack.packb([signed, key.sign(signed)], use_bin_type=True)
-    if len(out) > MAX_COMMAND_BYTES:
-        raise EncodeError(f"command of {len(out)} bytes exceeds {MAX_COMMAND_BYTES}")
-    return out
-
-
-def _unpack(data: bytes, what: str, max_map: int = 0) -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_array_len=16,
-            max_map_len=max_map,
-            max_str_len=MAX_DETAIL_LEN,
-            max_bin_len=MAX_STATUS_BYTES,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many unrelated types for bad input
-        raise CommandDecodeError(f"{what} is not valid msgpack: {type(exc).__name__}") from None
+    return _FRAME.seal(signed, key)
 
 
 def parse_command(data: bytes) -> SignedCommand:
     """Parse wire bytes into a SignedCommand; raises only DecodeError (or its subclasses)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise CommandDecodeError("command must be bytes")
-    if len(data) > MAX_COMMAND_BYTES:
-        raise CommandDecodeError(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
-    outer = _unpack(bytes(data), "command")
-    if not isinstance(outer, list) or len(outer) != 2:
-        raise CommandDecodeError("command must be an array of 2: [signed, signature]")
-    signed, signature = outer
-    if not isinstance(signed, bytes) or not isinstance(signature, bytes):
-        raise CommandDecodeError("command parts must be binary")
-    inner = _unpack(signed, "signed part", max_map=MAX_ARGS)
+    signed, signature = _FRAME.split(data)
+    inner = _FRAME.unpack(signed, "signed part", max_map_len=MAX_ARGS)
     if not isinstance(inner, list) or len(inner) < 2 or inner[0] != COMMAND_TAG:
         raise CommandDecodeError('signed part must be an array starting with "cmd"')
     version = inner[1]
-    if version != COMMAND_VERSION or isinstance(version, bool):
-        raise UnsupportedVersionError(f"unsupported command version {version!r}")
+    _FRAME.check_version(version, COMMAND_VERSION)
     if len(inner) != 9:
         raise CommandDecodeError("a v1 command has 9 fields")
     _, _, vin, command_id, issued_ms, expires_ms, name, args, key_id = inner
-    if not isinstance(vin, str):
-        raise CommandDecodeError("vin must be a string")
-    try:
-        validate_vin(vin)
-    except ProtocolError as exc:
-        raise CommandDecodeError(str(exc)) from None
+    _FRAME.check_vin(vin)
     if not isinstance(command_id, bytes) or len(command_id) != COMMAND_ID_LEN:
         raise CommandDecodeError(f"command_id must be {COMMAND_ID_LEN} bytes")
     issued = _uint("issued_ms", issued_ms, CommandDecodeError)
@@ -237,8 +211,7 @@ def parse_command(data: bytes) -> SignedCommand:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise CommandDecodeError("name must be a short lowercase identifier")
     clean_args = _check_args_shape(args, CommandDecodeError)
-    if not isinstance(key_id, bytes) or len(key_id) != signing.KEY_ID_LEN:
-        raise CommandDecodeError(f"key_id must be {signing.KEY_ID_LEN} bytes")
+    _FRAME.check_key_id(key_id)
     cmd = Command(vin, command_id, issued, expires, name, clean_args, key_id, version)
     return SignedCommand(cmd, signed, signature)
 
@@ -292,7 +265,8 @@ def encode_ack(ack: CommandAck) -> bytes:
     if not isinstance(ack.command_id, bytes) or len(ack.command_id) != COMMAND_ID_LEN:
         raise EncodeError(f"command_id must be {COMMAND_ID_LEN} bytes")
     acted = _uint("acted_ms", ack.acted_ms, EncodeError)
-    detail = ack.detail[:MAX_DETAIL_LEN]
+    # At most MAX_DETAIL_LEN bytes of UTF-8 (what decoders enforce), cut at a character boundary.
+    detail = ack.detail.encode("utf-8")[:MAX_DETAIL_LEN].decode("utf-8", "ignore")
     out: bytes = msgpack.packb([ack.command_id, AckStatus(ack.status).value, detail, acted], use_bin_type=True)
     return out
 
@@ -301,7 +275,7 @@ def decode_ack(body: bytes) -> CommandAck:
     """Raises only CommandDecodeError."""
     if not isinstance(body, bytes) or len(body) > 512:
         raise CommandDecodeError("ack body must be at most 512 bytes")
-    doc = _unpack(body, "ack body")
+    doc = _FRAME.unpack(body, "ack body")
     if not isinstance(doc, list) or len(doc) != 4:
         raise CommandDecodeError("ack body must be an array of 4")
     command_id, status, detail, acted_ms = doc
@@ -373,7 +347,7 @@ def decode_status(body: bytes) -> StatusReport:
     """Raises only CommandDecodeError."""
     if not isinstance(body, bytes) or len(body) > MAX_STATUS_BYTES:
         raise CommandDecodeError(f"status body must be at most {MAX_STATUS_BYTES} bytes")
-    doc = _unpack(body, "status body", max_map=MAX_METRICS)
+    doc = _FRAME.unpack(body, "status body", max_map_len=MAX_METRICS)
     if not isinstance(doc, dict) or set(doc) != {"online", "conn", "agent", "metrics"}:
         raise CommandDecodeError("status body must be a map of online, conn, agent, metrics")
     online, agent = doc["online"], doc["agent"]

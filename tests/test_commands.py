@@ -233,7 +233,13 @@ def test_arbitrary_msgpack_structures_raise_only_decode_errors(obj: object, sig:
 )
 def test_ack_round_trip(cid: bytes, status: AckStatus, detail: str, acted: int) -> None:
     ack = CommandAck(cid, status, detail, acted)
-    assert decode_ack(encode_ack(ack)) == ack
+    back = decode_ack(encode_ack(ack))
+    # The detail is cut to 200 bytes of UTF-8 at a character boundary (multi-byte text may lose its tail).
+    assert len(back.detail.encode()) <= 200 and detail.startswith(back.detail)
+    if len(detail.encode()) <= 200:
+        assert back == ack
+    else:
+        assert back == CommandAck(cid, status, back.detail, acted) and len(back.detail.encode()) > 196
 
 
 metric_values = st.one_of(
@@ -438,6 +444,11 @@ def test_cloud_key_is_created_once_with_0600(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["cloud_command.key"]
 
 
+def _flip_last(raw: bytes) -> bytes:
+    # Always a different last signature byte (overwriting it with a constant left it unchanged 1 time in 256).
+    return raw[:-1] + bytes([raw[-1] ^ 1])
+
+
 def test_outbox_leases_acks_and_states(cloud: IngestService) -> None:
     svc: CommandService = cloud.commands
     rec = svc.issue(VIN, "lock", {}, ttl_s=60)
@@ -459,7 +470,7 @@ def test_outbox_leases_acks_and_states(cloud: IngestService) -> None:
             (VIN, Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, ack, seq=1)),
             (VIN, Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, ack, seq=1)),  # redelivery
             (VIN, Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, ack, seq=2, key=OTHER)),
-            (VIN, Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, ack, seq=2)[:-1] + b"\x00"),
+            (VIN, Channel.CMD_ACK, _flip_last(_device_msg(Kind.COMMAND_ACK, ack, seq=2))),
             (VIN, Channel.CMD_ACK, _device_msg(Kind.STATUS, ack, seq=3)),
             (VIN, Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, b"\x93", seq=4)),
             ("LZHOTHER00000002", Channel.CMD_ACK, _device_msg(Kind.COMMAND_ACK, ack, seq=5)),

@@ -68,7 +68,7 @@ class ProcReading:
     rss_kb: int
     hwm_kb: int  # the process's peak RSS so far
     anon_kb: int  # RssAnon: the process's own memory (Python objects, malloc, OpenSSL state)
-    file_kb: int  # RssFile: mapped files, mostly shared libraries (libpython, OpenSSL, cryptography's binding)
+    file_kb: int  # RssFile: mapped files, mostly shared libraries (libpython, the system OpenSSL, SQLite, libc)
     cpu_s: float  # utime + stime
 
 
