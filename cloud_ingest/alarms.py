@@ -76,12 +76,12 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
+    bindparam,
     event,
-    insert,
     select,
     text,
-    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -499,6 +499,28 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+_IN_CHUNK = 500  # VINs per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits
+# The versioned save of one vehicle's rule state, executed for many vehicles at once (executemany).
+_STATE_TABLE = cast(Table, RuleStateRow.__table__)
+_UPDATE_STATE = (
+    _STATE_TABLE.update()
+    .where(_STATE_TABLE.c.vin == bindparam("b_vin"), _STATE_TABLE.c.version == bindparam("b_version"))
+    .values(
+        state_json=bindparam("b_state"),
+        version=bindparam("b_version") + 1,
+        last_ts=bindparam("b_last_ts"),
+        updated_ms=bindparam("b_updated_ms"),
+    )
+)
+
+
+_NO_PROFILE = Profile()
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
+
+
 @dataclass(slots=True)
 class _Loaded:
     """A vehicle checked out by one transaction: its row version (None: no row yet) and its context."""
@@ -558,12 +580,28 @@ class AlarmService:
 
     # -- the observer (inside the ingest transaction) ---------------------------------------------------------
 
+    def prepare(self, session: Session, by_vin: Mapping[str, Sequence[Batch]]) -> None:
+        """Check out all of an ingest call's vehicles at once (a few statements, not a few per vehicle)."""
+        txn = self._txn(session)
+        todo = [vin for vin in by_vin if vin not in txn]
+        if todo:
+            txn.update(self._load_many(session, todo))
+
+    def discard(self, session: Session) -> None:
+        """The pipeline rolled back this observer's savepoint: nothing it evaluated in this transaction counts."""
+        txn: dict[str, _Loaded] = session.info.pop(_TXN_KEY, {})
+        session.info.pop(_OPEN_KEY, None)
+        with self._lock:
+            for vin in txn:
+                self._release(vin)
+                self._committed.pop(vin, None)
+
     def observe(self, session: Session, vin: str, batch: Batch) -> None:
         txn = self._txn(session)
         loaded = txn.get(vin)
         try:
             if loaded is None:
-                loaded = txn[vin] = self._load(session, vin)
+                loaded = txn[vin] = self._load_many(session, [vin])[vin]
             with self._lock:
                 events = self.rules.evaluate_batch(vin, loaded.ctx, batch)
             loaded.dirty = True  # saved once per vehicle and transaction, by `_before_commit`
@@ -593,16 +631,18 @@ class AlarmService:
 
     def _before_commit(self, session: Session) -> None:
         """Persist the state of every vehicle evaluated since the last save, inside the transaction (or the
-        savepoint) being committed: one write per vehicle however many of its batches one ingest call carried."""
+        savepoint) being committed: one write per vehicle however many of its batches one ingest call carried, in
+        two statements for all of them (new rows, updated rows)."""
         txn: dict[str, _Loaded] = session.info.get(_TXN_KEY, {})
-        for vin, loaded in sorted(txn.items()):
-            if not loaded.dirty:
-                continue
-            with self._lock:
-                state = self.rules.export_state(vin)
-                last_ts = self.rules.state(vin).last_ts
-            assert state is not None
-            self._save(session, vin, loaded, state, last_ts)
+        dirty = sorted((vin, loaded) for vin, loaded in txn.items() if loaded.dirty)
+        if not dirty:
+            return
+        with self._lock:
+            states = [
+                (vin, loaded, self.rules.export_state(vin), self.rules.state(vin).last_ts) for vin, loaded in dirty
+            ]
+        self._save_many(session, states)
+        for _vin, loaded in dirty:
             loaded.dirty = False
 
     def _after_commit(self, session: Session) -> None:
@@ -642,25 +682,42 @@ class AlarmService:
                 del self._committed[vin]
                 self.rules.forget(vin)
 
-    def _load(self, session: Session, vin: str) -> _Loaded:
-        """Check a vehicle out for this transaction: lock its state row, and bring the ingest engine's state to it
-        unless the cache already equals that committed version."""
-        version = session.execute(
-            select(RuleStateRow.version).where(RuleStateRow.vin == vin).with_for_update()
-        ).scalar_one_or_none()
-        ctx = self._context(session, vin)
+    def _load_many(self, session: Session, vins: Sequence[str]) -> dict[str, _Loaded]:
+        """Check vehicles out for this transaction: lock their state rows (in VIN order, as every worker does), and
+        bring the ingest engine's state to each unless the cache already equals that committed version."""
+        order = sorted(vins)
+        versions: dict[str, int] = {}
+        for chunk in _chunks(order):
+            versions.update(
+                session.execute(
+                    select(RuleStateRow.vin, RuleStateRow.version)
+                    .where(RuleStateRow.vin.in_(chunk))
+                    .order_by(RuleStateRow.vin)
+                    .with_for_update()
+                ).all()
+            )
+        contexts = self._contexts_for(session, order)
+        stale: list[str] = []
         with self._lock:
-            cached = version is not None and self._committed.get(vin) == version
-            # From here the engine's state runs ahead of what committed.
-            self._committed.pop(vin, None)
-            if version is None:
-                self.rules.forget(vin)
-        if version is not None and not cached:
-            saved = session.execute(select(RuleStateRow.state_json).where(RuleStateRow.vin == vin)).scalar_one()
-            self._restore(self.rules, vin, saved, under_lock=True)
+            for vin in order:
+                version = versions.get(vin)
+                if version is None or self._committed.get(vin) != version:
+                    if version is None:
+                        self.rules.forget(vin)
+                    else:
+                        stale.append(vin)
+                # From here the engine's state runs ahead of what committed.
+                self._committed.pop(vin, None)
+        for chunk in _chunks(stale):
+            saved = session.execute(
+                select(RuleStateRow.vin, RuleStateRow.state_json).where(RuleStateRow.vin.in_(chunk))
+            ).all()
+            for vin, state_json in saved:
+                self._restore(self.rules, vin, state_json, under_lock=True)
         with self._lock:
-            self._checked_out[vin] = self._checked_out.get(vin, 0) + 1  # not evicted until its commit or rollback
-        return _Loaded(version, ctx)
+            for vin in order:  # not evicted until their commit or rollback
+                self._checked_out[vin] = self._checked_out.get(vin, 0) + 1
+        return {vin: _Loaded(versions.get(vin), contexts[vin]) for vin in order}
 
     def _restore(self, rules: RuleEngine, vin: str, saved: str, under_lock: bool) -> None:
         self._m_restores.inc()
@@ -678,46 +735,75 @@ class AlarmService:
             log.error("unreadable rule state; vehicle restarts from empty", extra={"vin": vin, "error": str(exc)})
             rules.forget(vin)
 
-    def _save(self, session: Session, vin: str, loaded: _Loaded, state: dict[str, Any], last_ts: int | None) -> None:
+    def _save_many(
+        self, session: Session, states: Sequence[tuple[str, _Loaded, dict[str, Any] | None, int | None]]
+    ) -> None:
         now = self.clock()
-        state_json = json.dumps(state, separators=(",", ":"))
-        if loaded.version is None:
-            session.execute(
-                insert(RuleStateRow).values(vin=vin, state_json=state_json, version=1, last_ts=last_ts, updated_ms=now)
-            )
-            loaded.version = 1
-            return
-        done = session.execute(
-            update(RuleStateRow)
-            .where(RuleStateRow.vin == vin, RuleStateRow.version == loaded.version)
-            .values(state_json=state_json, version=loaded.version + 1, last_ts=last_ts, updated_ms=now)
-        )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise RuleStateConflict(f"rule state of {vin} changed under version {loaded.version}")
-        loaded.version += 1
+        fresh: list[dict[str, Any]] = []
+        bumped: list[dict[str, Any]] = []
+        for vin, loaded, state, last_ts in states:
+            assert state is not None
+            state_json = json.dumps(state, separators=(",", ":"))
+            if loaded.version is None:
+                fresh.append(
+                    {"vin": vin, "state_json": state_json, "version": 1, "last_ts": last_ts, "updated_ms": now}
+                )
+            else:
+                bumped.append({"b_vin": vin, "b_version": loaded.version, "b_state": state_json, "b_last_ts": last_ts})
+        # Core statements on the session's connection (same transaction): an ORM bulk UPDATE would not take the
+        # version criterion.
+        conn = session.connection()
+        if fresh:
+            conn.execute(_STATE_TABLE.insert(), fresh)
+        if bumped:
+            for p in bumped:
+                p["b_updated_ms"] = now
+            if conn.dialect.supports_sane_multi_rowcount:
+                done = conn.execute(_UPDATE_STATE, bumped).rowcount
+            else:
+                done = sum(conn.execute(_UPDATE_STATE, p).rowcount for p in bumped)
+            if done != len(bumped):
+                raise RuleStateConflict(
+                    f"rule state of {len(bumped) - done} of {len(bumped)} vehicles changed under their version"
+                )
+        for _vin, loaded, _state, _ts in states:
+            loaded.version = 1 if loaded.version is None else loaded.version + 1
 
     # -- vehicle context --------------------------------------------------------------------------------------
 
-    def _context(self, session: Session, vin: str) -> VehicleContext:
+    def _contexts_for(self, session: Session, vins: Sequence[str]) -> dict[str, VehicleContext]:
+        """Each vehicle's rule context, from the cache while fresh, else from its profile (and, unless the profile
+        says, its last status's lock flag): two statements for all the misses."""
         now = time.monotonic()
-        cached = self._contexts.get(vin)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        row = session.get(VehicleProfile, vin)
-        profile = Profile.of(row) if row is not None else Profile()
-        status_locked = False
-        if profile.locked is None:
-            metrics_json = session.execute(
-                select(VehicleStatusRow.metrics_json).where(VehicleStatusRow.vin == vin)
-            ).scalar_one_or_none()
-            if metrics_json is not None:
-                status_locked = json.loads(metrics_json).get("locked") is True
-        ctx = profile.context(status_locked, self.zones_at)
-        with self._lock:
-            if len(self._contexts) >= self.config.max_cached_vehicles:
-                self._contexts.clear()  # rare; cheaper than an LRU on this hot path
-            self._contexts[vin] = (now + self.config.context_ttl_s, ctx)
-        return ctx
+        out: dict[str, VehicleContext] = {}
+        missing: list[str] = []
+        for vin in vins:
+            cached = self._contexts.get(vin)
+            if cached is not None and cached[0] > now:
+                out[vin] = cached[1]
+            else:
+                missing.append(vin)
+        profiles: dict[str, Profile] = {}
+        status_locked: set[str] = set()
+        for chunk in _chunks(missing):
+            for row in session.scalars(select(VehicleProfile).where(VehicleProfile.vin.in_(chunk))):
+                profiles[row.vin] = Profile.of(row)
+            ask = [vin for vin in chunk if profiles.get(vin, _NO_PROFILE).locked is None]
+            if ask:
+                for vin, metrics_json in session.execute(
+                    select(VehicleStatusRow.vin, VehicleStatusRow.metrics_json).where(VehicleStatusRow.vin.in_(ask))
+                ).all():
+                    if metrics_json is not None and json.loads(metrics_json).get("locked") is True:
+                        status_locked.add(vin)
+        if missing:
+            with self._lock:
+                if len(self._contexts) + len(missing) > self.config.max_cached_vehicles:
+                    self._contexts.clear()  # rare; cheaper than an LRU on this hot path
+                for vin in missing:
+                    ctx = profiles.get(vin, _NO_PROFILE).context(vin in status_locked, self.zones_at)
+                    self._contexts[vin] = (now + self.config.context_ttl_s, ctx)
+                    out[vin] = ctx
+        return out
 
     def get_profile(self, vin: str) -> Profile | None:
         try:
@@ -1038,7 +1124,7 @@ class AlarmService:
         scratch = self._tick_rules
         try:
             with Session(self.engine) as session:
-                ctx = self._context(session, vin)
+                ctx = self._contexts_for(session, [vin])[vin]
             self._restore(scratch, vin, state_json, under_lock=False)
             events = scratch.tick(vin, ctx, now)
             if not events:
@@ -1052,7 +1138,7 @@ class AlarmService:
                 ).scalar_one_or_none()
                 if current != version:
                     return  # it reported (or another worker ticked it) meanwhile: not evaluated on stale state
-                self._save(session, vin, _Loaded(version, ctx), state, last_ts)
+                self._save_many(session, [(vin, _Loaded(version, ctx), state, last_ts)])
                 for ev in events:
                     self._apply(session, ev, now)
         except SQLAlchemyError as exc:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, case, delete, select, update
+from sqlalchemy import Engine, Table, bindparam, case, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -37,6 +37,22 @@ _UPSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgre
 # the loser is retried as a whole. Rows are locked in sorted order, so this should be rare.
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 _MAX_ATTEMPTS = 5
+_IN_CHUNK = 300  # identities per IN (...) list: 900 bound parameters, far below SQLite's and PostgreSQL's limits
+_DEVICES = cast(Table, DeviceState.__table__)
+# Executed for many rows at once (executemany): the window trim per (vin, boot), the counters per vehicle.
+_TRIM = _LEDGER.delete().where(
+    _LEDGER.c.vin == bindparam("b_vin"), _LEDGER.c.boot == bindparam("b_boot"), _LEDGER.c.seq <= bindparam("b_below")
+)
+_COUNT = (
+    _DEVICES.update()
+    .where(_DEVICES.c.vin == bindparam("b_vin"))
+    .values(
+        messages=_DEVICES.c.messages + bindparam("b_messages"),
+        samples=_DEVICES.c.samples + bindparam("b_samples"),
+        last_seen_ms=bindparam("b_seen"),
+        last_boot=bindparam("b_boot"),
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +86,23 @@ class Ledger:
         view = LedgerView(hwm={}, seen=set())
         if not by_boot:
             return view
+        # Two statements per call however many vehicles it carries: the windows by (vin, boot), the identities.
+        boots = sorted(by_boot)
+        wanted = sorted((vin, boot, seq) for (vin, boot), seqs in by_boot.items() for seq in seqs)
         try:
             with Session(self.engine) as session:
-                for (vin, boot), seqs in by_boot.items():
-                    hwm = session.scalar(
-                        select(BootWindow.hwm_seq).where(BootWindow.vin == vin, BootWindow.boot == boot)
+                conn = session.connection()
+                for i in range(0, len(boots), _IN_CHUNK):
+                    stmt = select(_WINDOWS.c.vin, _WINDOWS.c.boot, _WINDOWS.c.hwm_seq).where(
+                        tuple_(_WINDOWS.c.vin, _WINDOWS.c.boot).in_(boots[i : i + _IN_CHUNK])
                     )
-                    if hwm is not None:
+                    for vin, boot, hwm in conn.execute(stmt):
                         view.hwm[(vin, boot)] = hwm
-                    for seq in session.scalars(
-                        select(MessageLedger.seq).where(
-                            MessageLedger.vin == vin, MessageLedger.boot == boot, MessageLedger.seq.in_(seqs)
-                        )
-                    ):
-                        view.seen.add((vin, boot, seq))
+                for i in range(0, len(wanted), _IN_CHUNK):
+                    stmt = select(_LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq).where(
+                        tuple_(_LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq).in_(wanted[i : i + _IN_CHUNK])
+                    )
+                    view.seen.update((vin, boot, seq) for vin, boot, seq in conn.execute(stmt))
         except SQLAlchemyError as exc:
             raise StorageError(f"ledger lookup failed: {exc}") from exc
         return view
@@ -147,23 +166,20 @@ class Ledger:
                     )
                 },
             ).returning(_WINDOWS.c.vin, _WINDOWS.c.boot, _WINDOWS.c.hwm_seq)
-            for vin, boot, current in sorted(session.execute(up).all()):
-                session.execute(
-                    delete(MessageLedger).where(
-                        MessageLedger.vin == vin, MessageLedger.boot == boot, MessageLedger.seq <= current - window
-                    )
-                )
-            for vin, (messages, count, boot) in sorted(per_vin.items()):
-                session.execute(
-                    update(DeviceState)
-                    .where(DeviceState.vin == vin)
-                    .values(
-                        messages=DeviceState.messages + messages,
-                        samples=DeviceState.samples + count,
-                        last_seen_ms=now_ms,
-                        last_boot=boot,
-                    )
-                )
+            conn = session.connection()
+            trims = [
+                {"b_vin": vin, "b_boot": boot, "b_below": current - window}
+                for vin, boot, current in sorted(session.execute(up).all())
+            ]
+            if trims:
+                conn.execute(_TRIM, trims)
+            conn.execute(
+                _COUNT,
+                [
+                    {"b_vin": vin, "b_messages": messages, "b_samples": count, "b_seen": now_ms, "b_boot": boot}
+                    for vin, (messages, count, boot) in sorted(per_vin.items())
+                ],
+            )
             if within is not None:
                 within(session, inserted)
         return lost

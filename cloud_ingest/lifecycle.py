@@ -26,7 +26,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import MappingProxyType
@@ -820,6 +820,9 @@ def _battery_track(row: BatteryRow) -> BatteryTrack:
 # --- persistence ---------------------------------------------------------------------------------------------
 
 _UPSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+# Session.info: what `prepare` loaded for this transaction (vin -> locked row; barcode -> locked pack, None if none).
+_ROWS_KEY = "zhilian.lifecycle.rows"
+_PACKS_KEY = "zhilian.lifecycle.packs"
 R = TypeVar("R")
 
 
@@ -854,35 +857,86 @@ class LifecycleService:
 
     # -- telemetry (SampleObserver) ---------------------------------------------------------------------------
 
+    def prepare(self, session: Session, by_vin: Mapping[str, Sequence[Batch]]) -> None:
+        """Load and lock all of an ingest call's vehicle rows and the packs their batches name, in a few statements
+        (rows of vehicles seen for the first time are created), for `observe` to find in `session.info`."""
+        rows: dict[str, VehicleLifecycleRow] = session.info.setdefault(_ROWS_KEY, {})
+        packs: dict[str, BatteryRow | None] = session.info.setdefault(_PACKS_KEY, {})
+        todo = sorted(vin for vin in by_vin if vin not in rows)
+        if todo:
+            first_ts = {vin: min(b.timestamps[0] for b in by_vin[vin] if b.timestamps) for vin in todo}
+            found = self._lock_rows(session, todo)
+            new = [vin for vin in todo if vin not in found]
+            if new:
+                ins = self._upsert(VehicleLifecycleRow.__table__).values(
+                    [self._initial_row(v, first_ts[v]) for v in new]
+                )
+                session.execute(ins.on_conflict_do_nothing(index_elements=["vin"]))
+                found.update(self._lock_rows(session, new, refresh=True))
+            missing = [vin for vin in todo if vin not in found]
+            if missing:
+                raise StorageError(f"lifecycle: vehicle rows for {missing[:3]} vanished")
+            rows.update(found)
+        wanted: set[str] = set()
+        for vin, batches in by_vin.items():
+            row = rows[vin]
+            if row.battery_barcode is not None:
+                wanted.add(row.battery_barcode)
+            for batch in batches:
+                wanted |= self.tracker.barcodes_in(batch)
+        ask = sorted(wanted - packs.keys())
+        for i in range(0, len(ask), 500):
+            chunk = ask[i : i + 500]
+            # Sorted: two workers locking overlapping packs take them in the same order.
+            stmt = select(BatteryRow).where(BatteryRow.barcode.in_(chunk)).order_by(BatteryRow.barcode)
+            got = {b.barcode: b for b in session.scalars(stmt.with_for_update())}
+            for code in chunk:
+                packs[code] = got.get(code)  # None: known not to exist (yet)
+
+    def discard(self, session: Session) -> None:
+        """This observer's savepoint was rolled back: the rows `prepare` loaded are expired or gone."""
+        session.info.pop(_ROWS_KEY, None)
+        session.info.pop(_PACKS_KEY, None)
+
     def observe(self, session: Session, vin: str, batch: Batch) -> None:
         """Move `vin`'s machines by one stored batch, inside the ledger's transaction (`session`)."""
         if not batch.timestamps:
             return
-        row = self._vehicle_row(session, vin, batch.timestamps[0])
+        rows: dict[str, VehicleLifecycleRow] = session.info.setdefault(_ROWS_KEY, {})
+        known: dict[str, BatteryRow | None] = session.info.setdefault(_PACKS_KEY, {})
+        row = rows.get(vin)
+        if row is None:
+            row = rows[vin] = self._vehicle_row(session, vin, batch.timestamps[0])
         track = _vehicle_track(row)
         wanted = self.tracker.barcodes_in(batch)
         if track.battery is not None:
             wanted.add(track.battery)
-        packs: dict[str, BatteryRow] = {}
-        if wanted:
+        ask = sorted(wanted - known.keys())
+        if ask:
             # Sorted: two workers locking overlapping packs take them in the same order.
-            stmt = select(BatteryRow).where(BatteryRow.barcode.in_(sorted(wanted))).order_by(BatteryRow.barcode)
-            packs = {b.barcode: b for b in session.scalars(stmt.with_for_update())}
+            stmt = select(BatteryRow).where(BatteryRow.barcode.in_(ask)).order_by(BatteryRow.barcode)
+            got = {b.barcode: b for b in session.scalars(stmt.with_for_update())}
+            for code in ask:
+                known[code] = got.get(code)
+        packs = {code: b for code in wanted if (b := known[code]) is not None}
         tracks = {code: _battery_track(b) for code, b in packs.items()}
         outcome = self.tracker.step(track, tracks, batch)
         _store_vehicle_track(row, track)
+        created = False
         for code, pack in outcome.batteries.items():
             stored = packs.get(code)
             if stored is None:
-                stored = BatteryRow(barcode=code, registered=False, created_ms=pack.since_ms)
+                stored = known[code] = BatteryRow(barcode=code, registered=False, created_ms=pack.since_ms)
                 session.add(stored)
+                created = True
             stored.state = pack.state.value
             stored.since_ms = pack.since_ms
             stored.vin = pack.vin
             stored.soh_pct = pack.soh_pct
             stored.soh_confirmed_pct = pack.soh_confirmed_pct
             stored.cycles = pack.cycles
-        session.flush()  # new packs exist before another vehicle's binding to them is released
+        if created:
+            session.flush()  # new packs exist before another vehicle's binding to them is released
         changes = list(outcome.changes)
         for other, code in outcome.released:
             changes.extend(self._release(session, other, code, batch.timestamps[-1], f"battery moved to {vin}"))
@@ -1122,19 +1176,37 @@ class LifecycleService:
             return []
         return [Change.mark(EntityKind.VEHICLE, vin, EventKind.UNPAIRED, state, ts, note, barcode)]
 
+    def _initial_row(self, vin: str, now: int) -> dict[str, Any]:
+        return {
+            "vin": vin,
+            "state": VEHICLE.initial.value,
+            "since_ms": now,
+            "odometer_m": 0.0,
+            "next_service_m": self.settings.service_interval_km * 1000,
+            "maintenance_due": False,
+        }
+
+    @staticmethod
+    def _lock_rows(session: Session, vins: Sequence[str], refresh: bool = False) -> dict[str, VehicleLifecycleRow]:
+        found: dict[str, VehicleLifecycleRow] = {}
+        for i in range(0, len(vins), 500):
+            stmt = (
+                select(VehicleLifecycleRow)
+                .where(VehicleLifecycleRow.vin.in_(vins[i : i + 500]))
+                .order_by(VehicleLifecycleRow.vin)
+                .with_for_update()
+            )
+            if refresh:
+                stmt = stmt.execution_options(populate_existing=True)
+            found.update((r.vin, r) for r in session.scalars(stmt))
+        return found
+
     def _vehicle_row(self, session: Session, vin: str, now: int) -> VehicleLifecycleRow:
         """The vehicle's row, locked; created in the initial state on first use (devices predate life cycles)."""
         row = session.get(VehicleLifecycleRow, vin, with_for_update=True)
         if row is not None:
             return row
-        ins = self._upsert(VehicleLifecycleRow.__table__).values(
-            vin=vin,
-            state=VEHICLE.initial.value,
-            since_ms=now,
-            odometer_m=0.0,
-            next_service_m=self.settings.service_interval_km * 1000,
-            maintenance_due=False,
-        )
+        ins = self._upsert(VehicleLifecycleRow.__table__).values(**self._initial_row(vin, now))
         session.execute(ins.on_conflict_do_nothing(index_elements=["vin"]))
         row = session.get(VehicleLifecycleRow, vin, with_for_update=True, populate_existing=True)
         if row is None:

@@ -15,10 +15,16 @@ TELEMETRY batch exactly once, inside the ledger's transaction:
   Identities another worker recorded first (lost races) are not observed, nor are ALERT envelopes: an edge alert
   repeats readings its telemetry batch also carries, and it is sent ahead of that batch, so observing it would
   move a vehicle's clock past samples still to come.
-- Each observer runs per vehicle inside a SAVEPOINT. A database error (SQLAlchemyError, StorageError) propagates:
-  the whole transaction rolls back and nothing is acknowledged, so the batch is retried. Any other exception is a bug
-  in that observer: its savepoint is rolled back, it is logged and counted (`zhilian_ingest_observer_errors`), and
-  ingest goes on — one broken observer must not stop the fleet's data.
+- An observer may also have `prepare(session, by_vin)`: called once per ingest call, before its `observe` calls,
+  with every vehicle's batches of the call, so it can load (and lock) all their state in a few statements instead
+  of a few per vehicle. And `discard(session)`: called after its savepoint was rolled back, to drop whatever
+  in-memory state it derived inside it.
+- Each observer runs inside one SAVEPOINT for all the call's vehicles (one flush of its writes, not one per
+  vehicle). A database error (SQLAlchemyError, StorageError) propagates: the whole transaction rolls back and nothing
+  is acknowledged, so the batch is retried. Any other exception is a bug in that observer: its savepoint is rolled
+  back, it is told to `discard`, and it runs again vehicle by vehicle, each in a SAVEPOINT of its own, so that only
+  the vehicle it fails on loses that observer's work; each failure is logged and counted
+  (`zhilian_ingest_observer_errors`), and ingest goes on — one broken observer must not stop the fleet's data.
 - An observer may be called again for the same batches when the transaction is retried after a lock conflict, so it
   must not trust in-memory state a rolled-back transaction produced (e.g. keep a version number of what committed).
 - Several ingest workers may run: an observer keeping per-vehicle state must serialise on the database (a row lock
@@ -28,10 +34,11 @@ TELEMETRY batch exactly once, inside the ledger's transaction:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter as TallyCounter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -41,9 +48,10 @@ from sqlalchemy.orm import Session
 
 from cloud_ingest.errors import StorageError
 from cloud_ingest.ledger import Identity, Ledger, LedgerEntry
-from cloud_ingest.registry import Registry
+from cloud_ingest.registry import KeyLookup, Registry
 from cloud_ingest.tsstore import TimeSeriesStore
-from protocol import MAX_ENVELOPE_BYTES, Batch, Catalogue, Kind, decode_batch, parse_envelope
+from protocol import MAX_ENVELOPE_BYTES, Batch, Catalogue, Kind, SignedEnvelope, decode_batch, parse_envelope
+from protocol.catalogue import Signal, SignalType, Value
 from protocol.errors import DecodeError, SignatureError
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,14 @@ class SampleObserver(Protocol):
     """Sees each stored telemetry batch once, inside the ledger's transaction (see the module docstring)."""
 
     def observe(self, session: Session, vin: str, batch: Batch) -> None: ...
+
+
+class PreparingObserver(SampleObserver, Protocol):
+    """An observer that loads the state of all of an ingest call's vehicles at once (see the module docstring)."""
+
+    def prepare(self, session: Session, by_vin: Mapping[str, Sequence[Batch]]) -> None: ...
+
+    def discard(self, session: Session) -> None: ...
 
 
 class _Rejected(Exception):
@@ -149,6 +165,7 @@ class IngestPipeline:
         self._outcomes: TallyCounter[str] = TallyCounter()
         self._rejected: TallyCounter[str] = TallyCounter()
         self._invalid: TallyCounter[str] = TallyCounter()
+        self._range_checks: dict[str, tuple[Signal, bool, tuple[type, ...], float, float]] = {}
         self._samples = 0
         self._alerts = 0
 
@@ -163,10 +180,18 @@ class IngestPipeline:
         Raises StorageError if the store or the ledger failed: then none of `items` may be acknowledged.
         """
         results: list[IngestResult | None] = [None] * len(items)
-        candidates: list[_Candidate] = []
+        parsed: list[tuple[int, str | None, SignedEnvelope]] = []
         for index, (claimed_vin, raw) in enumerate(items):
             try:
-                candidates.append(self._authenticate(index, claimed_vin, raw))
+                parsed.append((index, claimed_vin, self._parse(claimed_vin, raw)))
+            except _Rejected as rej:
+                results[index] = self._reject(rej, claimed_vin)
+        # Keys of the whole call at once: one query for what the cache lacks, not one per message.
+        keys = self.registry.lookup_keys((p.envelope.vin, p.envelope.key_id) for _, _, p in parsed)
+        candidates: list[_Candidate] = []
+        for index, claimed_vin, signed in parsed:
+            try:
+                candidates.append(self._authenticate(index, signed, keys))
             except _Rejected as rej:
                 results[index] = self._reject(rej, claimed_vin)
         accepted = self._dedupe_and_decode(candidates, results)
@@ -195,7 +220,7 @@ class IngestPipeline:
 
     # -- steps ----------------------------------------------------------------------------------------------
 
-    def _authenticate(self, index: int, claimed_vin: str | None, raw: bytes) -> _Candidate:
+    def _parse(self, claimed_vin: str | None, raw: bytes) -> SignedEnvelope:
         if not isinstance(raw, bytes | bytearray | memoryview):
             raise _Rejected("malformed", "payload is not bytes")
         if len(raw) > MAX_ENVELOPE_BYTES:
@@ -209,9 +234,15 @@ class IngestPipeline:
             raise _Rejected("malformed", "boot/seq beyond 2^63")
         if claimed_vin is not None and claimed_vin != env.vin:
             raise _Rejected("vin_mismatch", f"channel says {claimed_vin!r}, envelope says {env.vin!r}")
+        return signed
+
+    def _authenticate(
+        self, index: int, signed: SignedEnvelope, keys: Mapping[tuple[str, bytes], KeyLookup]
+    ) -> _Candidate:
+        env = signed.envelope
         # By (vin, key_id): a device may hold several keys while it rotates; unknown_device, unknown_key and
         # revoked_key are told apart before any signature work.
-        found = self.registry.lookup_key(env.vin, env.key_id)
+        found = keys[(env.vin, env.key_id)]
         if found.public_key is None:
             raise _Rejected(found.state.value, f"{env.vin} key {env.key_id.hex()}")
         try:
@@ -252,17 +283,35 @@ class IngestPipeline:
     def _drop_invalid(self, vin: str, batch: Batch) -> None:
         """Out-of-range values become None (counted and logged); the rest of the batch is kept."""
         for name, values in batch.columns.items():
+            bad = self._invalid_indices(name, values)
+            if not bad:
+                continue
+            for i in bad:
+                values[i] = None
+            self._m_invalid.labels(signal=name).inc(len(bad))
+            with self._lock:
+                self._invalid[name] += len(bad)
+            log.warning("invalid values dropped", extra={"vin": vin, "signal": name, "count": len(bad)})
+
+    def _invalid_indices(self, name: str, values: list[Value | None]) -> list[int]:
+        """Indices of the values `Signal.in_range` refuses; numeric signals with a finite range take a fast path
+        (one comparison chain per value; NaN fails it, infinities fall outside the range)."""
+        check = self._range_checks.get(name)
+        if check is None:
             sig = self.catalogue.by_name(name)
-            dropped = 0
-            for i, v in enumerate(values):
-                if v is not None and not sig.in_range(v):
-                    values[i] = None
-                    dropped += 1
-            if dropped:
-                self._m_invalid.labels(signal=name).inc(dropped)
-                with self._lock:
-                    self._invalid[name] += dropped
-                log.warning("invalid values dropped", extra={"vin": vin, "signal": name, "count": dropped})
+            lo, hi = sig.min, sig.max
+            numeric = sig.type in (SignalType.FLOAT, SignalType.INT)
+            bounded = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+            types: tuple[type, ...] = (int,) if sig.type is SignalType.INT else (int, float)
+            check = self._range_checks[name] = (sig, numeric and bounded, types, lo or 0.0, hi or 0.0)
+        sig, fast, types, lo, hi = check
+        if fast:
+            return [
+                i
+                for i, v in enumerate(values)
+                if v is not None and not (type(v) in types and lo <= v <= hi)  # type: ignore[operator]
+            ]
+        return [i for i, v in enumerate(values) if v is not None and not sig.in_range(v)]
 
     def _store(self, accepted: list[_Accepted], results: list[IngestResult | None]) -> None:
         # Order matters: time series first, ledger second. A crash in between leaves the rows stored but the
@@ -309,25 +358,53 @@ class IngestPipeline:
                 self._alerts += a.kind is Kind.ALERT
 
     def _observe(self, session: Session, stored: list[_Accepted]) -> None:
-        by_vin: dict[str, list[_Accepted]] = {}
-        for a in stored:
+        by_vin: dict[str, list[Batch]] = {}
+        for a in sorted(stored, key=lambda a: (a.vin, a.batch.timestamps[0] if a.batch.timestamps else 0, a.identity)):
             if a.kind is Kind.TELEMETRY and a.batch.timestamps:
-                by_vin.setdefault(a.vin, []).append(a)
-        for vin in sorted(by_vin):
-            batches = sorted(by_vin[vin], key=lambda a: (a.batch.timestamps[0], a.identity))
-            for observer in self.observers:
+                by_vin.setdefault(a.vin, []).append(a.batch)
+        if not by_vin:
+            return
+        for observer in self.observers:
+            try:
+                with session.begin_nested():
+                    self._run_observer(session, observer, by_vin)
+                continue
+            except (SQLAlchemyError, StorageError):
+                raise
+            except Exception:
+                log.warning(
+                    "sample observer failed on a call; running it vehicle by vehicle",
+                    extra={"observer": type(observer).__name__, "vehicles": len(by_vin)},
+                    exc_info=True,
+                )
+            # The slow path, after a bug: vehicle by vehicle, so only the one it fails on loses this observer's work.
+            discard = getattr(observer, "discard", None)
+            if discard is not None:
+                discard(session)
+            for vin, batches in by_vin.items():
                 try:
                     with session.begin_nested():
-                        for a in batches:
-                            observer.observe(session, vin, a.batch)
+                        self._run_observer(session, observer, {vin: batches})
                 except (SQLAlchemyError, StorageError):
                     raise
                 except Exception:
-                    name = type(observer).__name__
-                    self._m_observer_errors.labels(observer=name).inc()
-                    log.exception(
-                        "sample observer failed; its work was rolled back", extra={"vin": vin, "observer": name}
-                    )
+                    self._observer_failed(observer, vin)
+                    if discard is not None:
+                        discard(session)
+
+    @staticmethod
+    def _run_observer(session: Session, observer: SampleObserver, by_vin: Mapping[str, Sequence[Batch]]) -> None:
+        prepare = getattr(observer, "prepare", None)
+        if prepare is not None:
+            prepare(session, by_vin)
+        for vin, batches in by_vin.items():
+            for batch in batches:
+                observer.observe(session, vin, batch)
+
+    def _observer_failed(self, observer: SampleObserver, vin: str) -> None:
+        name = type(observer).__name__
+        self._m_observer_errors.labels(observer=name).inc()
+        log.exception("sample observer failed; its work was rolled back", extra={"vin": vin, "observer": name})
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
 

@@ -15,10 +15,12 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select, text, update
+from sqlalchemy import Engine, Select, func, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -264,41 +266,67 @@ class Registry:
 
     def lookup_key(self, vin: str, key_id: bytes) -> KeyLookup:
         """Which key signs (vin, key_id)'s envelopes, if any may. Only ACTIVE answers are cached."""
-        cache_key = (vin, key_id)
+        return self.lookup_keys([(vin, key_id)])[(vin, key_id)]
+
+    def lookup_keys(self, wanted: Iterable[tuple[str, bytes]]) -> dict[tuple[str, bytes], KeyLookup]:
+        """`lookup_key` for many (vin, key_id) at once: the cache first, then one query per 300 misses."""
+        out: dict[tuple[str, bytes], KeyLookup] = {}
+        misses: list[tuple[str, bytes]] = []
         now = time.monotonic()
         with self._lock:
-            hit = self._keys.get(cache_key)
-            if hit is not None and hit[1] > now:
-                self._keys.move_to_end(cache_key)
-                return KeyLookup(KeyState.ACTIVE, hit[0])
+            for cache_key in wanted:
+                if cache_key in out:
+                    continue
+                hit = self._keys.get(cache_key)
+                if hit is not None and hit[1] > now:
+                    self._keys.move_to_end(cache_key)
+                    out[cache_key] = KeyLookup(KeyState.ACTIVE, hit[0])
+                elif len(cache_key[1]) != KEY_ID_LEN:
+                    out[cache_key] = KeyLookup(KeyState.UNKNOWN_KEY)
+                elif cache_key not in misses:
+                    misses.append(cache_key)
             generation = self._generation
-        if len(key_id) != KEY_ID_LEN:
-            return KeyLookup(KeyState.UNKNOWN_KEY)
-        # One round trip: the device row, outer-joined with the key row if there is one.
-        stmt = (
-            select(Device.vin, DeviceKeyRow.public_key, DeviceKeyRow.revoked_at)
-            .outerjoin(DeviceKeyRow, and_(DeviceKeyRow.vin == Device.vin, DeviceKeyRow.key_id == key_id.hex()))
-            .where(Device.vin == vin)
-        )
+        if not misses:
+            return out
+        found: dict[str, dict[str, tuple[bytes, Any]]] = {}  # vin -> key_id hex -> (public key, revoked_at)
+        vins = sorted({vin for vin, _ in misses})
         try:
             with self._session() as session:
-                row = session.execute(stmt).first()
+                for i in range(0, len(vins), 300):
+                    # One round trip: the device rows, outer-joined with their key rows.
+                    stmt = (
+                        select(Device.vin, DeviceKeyRow.key_id, DeviceKeyRow.public_key, DeviceKeyRow.revoked_at)
+                        .outerjoin(DeviceKeyRow, DeviceKeyRow.vin == Device.vin)
+                        .where(Device.vin.in_(vins[i : i + 300]))
+                    )
+                    for vin, key_hex, public_key, revoked_at in session.execute(stmt):
+                        keys = found.setdefault(vin, {})
+                        if key_hex is not None:
+                            keys[key_hex] = (public_key, revoked_at)
         except SQLAlchemyError as exc:
             raise StorageError(f"registry: {exc}") from exc
-        if row is None:
-            return KeyLookup(KeyState.UNKNOWN_DEVICE)
-        _, public_key, revoked_at = row
-        if public_key is None:
-            return KeyLookup(KeyState.UNKNOWN_KEY)
-        if revoked_at is not None:
-            return KeyLookup(KeyState.REVOKED)
+        fresh: list[tuple[tuple[str, bytes], bytes]] = []
+        for cache_key in misses:
+            vin, key_id = cache_key
+            if vin not in found:
+                out[cache_key] = KeyLookup(KeyState.UNKNOWN_DEVICE)
+                continue
+            key = found[vin].get(key_id.hex())
+            if key is None:
+                out[cache_key] = KeyLookup(KeyState.UNKNOWN_KEY)
+            elif key[1] is not None:
+                out[cache_key] = KeyLookup(KeyState.REVOKED)
+            else:
+                out[cache_key] = KeyLookup(KeyState.ACTIVE, key[0])
+                fresh.append((cache_key, key[0]))
         with self._lock:
             if generation == self._generation:
-                self._keys[cache_key] = (public_key, now + self._ttl)
-                self._keys.move_to_end(cache_key)
+                for cache_key, public_key in fresh:
+                    self._keys[cache_key] = (public_key, now + self._ttl)
+                    self._keys.move_to_end(cache_key)
                 while len(self._keys) > self._cache_size:
                     self._keys.popitem(last=False)
-        return KeyLookup(KeyState.ACTIVE, public_key)
+        return out
 
     def _get_device(self, vin: str) -> Device | None:
         with self._session() as session:

@@ -334,3 +334,56 @@ def test_concurrent_workers_on_shared_databases_store_each_message_once(env: Env
     assert outcomes.count("stored") == 40 and outcomes.count("duplicate") == 40
     assert env.state().messages == 40 and env.count(MessageLedger) == 40
     assert len(env.store.query(VIN, 0, 2**62, None, 1000)) == 40
+
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from([s.name for s in CAT]), values=st.lists(_ANY_VALUE, max_size=12))
+def test_the_range_fast_path_refuses_exactly_what_in_range_refuses(env: Env, name: str, values: list[object]) -> None:
+    sig = CAT.by_name(name)
+    expected = [i for i, v in enumerate(values) if v is not None and not sig.in_range(v)]  # type: ignore[arg-type]
+    assert env.pipeline._invalid_indices(name, values) == expected  # type: ignore[arg-type]
+
+
+class _Recorder:
+    """An observer that fails on one vehicle: the others' observations must survive it (and commit)."""
+
+    def __init__(self, bad: str) -> None:
+        self.bad = bad
+        self.prepared: list[list[str]] = []
+        self.discards = 0
+
+    def prepare(self, session: Session, by_vin: dict[str, list[Batch]]) -> None:
+        self.prepared.append(list(by_vin))
+
+    def discard(self, session: Session) -> None:
+        self.discards += 1
+
+    def observe(self, session: Session, vin: str, batch: Batch) -> None:
+        session.add(BootWindow(vin=vin, boot=99, hwm_seq=batch.timestamps[0]))
+        session.flush()
+        if vin == self.bad:
+            raise RuntimeError("observer bug")
+
+
+def test_a_failing_observer_loses_only_the_vehicle_it_fails_on(env: Env) -> None:
+    env.registry.register_device(OTHER, STRANGER.public_raw)
+    recorder = _Recorder(bad=OTHER)
+    env.pipeline.add_observer(recorder)
+    results = env.pipeline.ingest_many([(VIN, message(1)), (OTHER, message(1, key=STRANGER, vin=OTHER))])
+    assert [r.outcome for r in results] == ["stored", "stored"]
+    # One call for both vehicles first (in VIN order), then vehicle by vehicle after the failure.
+    assert recorder.prepared == [[VIN, OTHER], [VIN], [OTHER]]
+    assert recorder.discards == 2  # after the whole call's savepoint, and after OTHER's own
+    with Session(env.engine) as s:
+        kept = s.scalars(select(BootWindow.vin).where(BootWindow.boot == 99)).all()
+    assert kept == [VIN]
+    assert env.metric("zhilian_ingest_observer_errors_total", observer="_Recorder") == 1

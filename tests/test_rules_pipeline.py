@@ -145,7 +145,7 @@ def test_the_state_row_is_authoritative_version_checked_and_an_unreadable_one_is
     with Session(svc.engine) as session, session.begin():
         session.execute(update(RuleStateRow).where(RuleStateRow.vin == VIN).values(version=RuleStateRow.version + 5))
     with pytest.raises(RuleStateConflict), Session(svc.engine) as session, session.begin():
-        svc.alarms._save(session, VIN, _Loaded(1, VehicleContext()), state, v.ts(2))
+        svc.alarms._save_many(session, [(VIN, _Loaded(1, VehicleContext()), state, v.ts(2))])
     # A state this release cannot read: the vehicle starts afresh instead of blocking its ingest.
     with Session(svc.engine) as session, session.begin():
         session.execute(update(RuleStateRow).where(RuleStateRow.vin == VIN).values(state_json='{"version": 99}'))
@@ -266,7 +266,7 @@ def test_the_context_comes_from_the_profile_and_the_status_reports_lock(svc: Ing
             )
         )  # fmt: skip
     with Session(svc.engine) as session:
-        ctx = alarms._context(session, VIN)
+        ctx = alarms._contexts_for(session, [VIN])[VIN]
     assert (ctx.locked, ctx.model, ctx.battery, ctx.controller, ctx.reporting_interval_s) == (
         True,
         None,
@@ -280,7 +280,7 @@ def test_the_context_comes_from_the_profile_and_the_status_reports_lock(svc: Ing
                 wheel_inch=14.0, locked=False, reporting_interval_s=10.0),
     )  # fmt: skip
     with Session(svc.engine) as session:
-        ctx = alarms._context(session, VIN)  # the PUT dropped the cached context
+        ctx = alarms._contexts_for(session, [VIN])[VIN]  # the PUT dropped the cached context
     assert (ctx.model, ctx.chemistry, ctx.locked, ctx.reporting_interval_s) == ("emoto72", "LFP", False, 10.0)
     assert ctx.battery is not None and ctx.battery.barcodes == frozenset({"B1", "B2"})
     assert ctx.battery.cell_count == 20
