@@ -20,10 +20,13 @@ be missing the version check fails the transaction (`RuleStateConflict`, a Stora
 redelivered, evaluated again on the new state). The cache is bounded (`max_cached_vehicles`, least recently used
 out).
 
-Time-based rules (offline) run on a supervised periodic task (`tick_interval_s`, bounded): vehicles whose newest
-sample is older than `tick_stale_s` are ticked on a separate scratch engine restored from their rows, and only if
-events result is a transaction opened that re-checks the version (a vehicle that just reported is not offline). The
-same task escalates alarms whose deadline passed.
+Time-based rules (offline) run on a supervised periodic task (`tick_interval_s`, bounded). Every save of a
+vehicle's state also stores when its time-based rules may next change something (`next_tick_ms`: the instant its
+silence crosses the next offline level, or moves an open alarm's peak by a step; RuleEngine.next_tick_ms); a round
+ticks only the vehicles that are due, on a separate scratch engine restored from their rows, and saves them in a
+transaction that re-checks the version (a vehicle that just reported is not offline). A silent fleet therefore
+costs a round what is due in it, not a tick of every quiet vehicle. The same task escalates alarms whose deadline
+passed.
 
 Workflow (explicit table `MANUAL_TRANSITIONS`; anything else is refused with the reason):
 
@@ -191,13 +194,15 @@ class RuleStateRow(Base):
     """A vehicle's exported rule-engine state; `version` orders writes (see the module docstring)."""
 
     __tablename__ = "rule_state"
-    __table_args__ = (Index("ix_rule_state_last_ts", "last_ts"),)
+    __table_args__ = (Index("ix_rule_state_last_ts", "last_ts"), Index("ix_rule_state_next_tick_ms", "next_tick_ms"))
 
     vin: Mapped[str] = mapped_column(String(32), primary_key=True)
     state_json: Mapped[str] = mapped_column(Text)
     version: Mapped[int] = mapped_column(BigInteger)
     last_ts: Mapped[int | None] = mapped_column(BigInteger, default=None)  # newest sample (vehicle time)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # When the time-based rules may next change something (RuleEngine.next_tick_ms); NULL: not before it reports.
+    next_tick_ms: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 _STATES_SQL = ", ".join(f"'{s.value}'" for s in AlarmState)
@@ -443,10 +448,7 @@ def _default_deadlines() -> dict[int, float]:
 class AlarmsConfig:
     deadlines_s: Mapping[int, float] = field(default_factory=_default_deadlines)
     reopen_window_s: float = 7 * 86_400.0
-    tick_interval_s: float = 5.0
-    # A vehicle is ticked (offline rule) once its newest sample is this old; keep it below 3x the shortest
-    # reporting interval in the fleet, or the offline alarm comes late.
-    tick_stale_s: float = 10.0
+    tick_interval_s: float = 5.0  # a due vehicle's offline alarm comes at most this late
     tick_page: int = 500
     context_ttl_s: float = 10.0
     max_cached_vehicles: int = 50_000
@@ -456,8 +458,8 @@ class AlarmsConfig:
             raise ValueError("deadlines_s needs a positive deadline for each level 1, 2, 3")
         if not 0.05 <= self.tick_interval_s <= 300:
             raise ValueError("tick_interval_s must be in [0.05, 300]")
-        if self.tick_stale_s <= 0 or self.reopen_window_s < 0 or self.tick_page < 1 or self.max_cached_vehicles < 1:
-            raise ValueError("tick_stale_s, tick_page and max_cached_vehicles must be positive, reopen_window_s >= 0")
+        if self.reopen_window_s < 0 or self.tick_page < 1 or self.max_cached_vehicles < 1:
+            raise ValueError("tick_page and max_cached_vehicles must be positive, reopen_window_s >= 0")
 
     def deadline_ms(self, level: int) -> int:
         return int(self.deadlines_s[level] * 1000)
@@ -510,6 +512,7 @@ _UPDATE_STATE = (
         version=bindparam("b_version") + 1,
         last_ts=bindparam("b_last_ts"),
         updated_ms=bindparam("b_updated_ms"),
+        next_tick_ms=bindparam("b_next_tick"),
     )
 )
 
@@ -637,10 +640,12 @@ class AlarmService:
         dirty = sorted((vin, loaded) for vin, loaded in txn.items() if loaded.dirty)
         if not dirty:
             return
+        states = []
         with self._lock:
-            states = [
-                (vin, loaded, self.rules.export_state(vin), self.rules.state(vin).last_ts) for vin, loaded in dirty
-            ]
+            for vin, loaded in dirty:
+                last_ts = self.rules.state(vin).last_ts
+                next_tick = self.rules.next_tick_ms(vin, loaded.ctx, last_ts if last_ts is not None else 0)
+                states.append((vin, loaded, self.rules.export_state(vin), last_ts, next_tick))
         self._save_many(session, states)
         for _vin, loaded in dirty:
             loaded.dirty = False
@@ -736,20 +741,36 @@ class AlarmService:
             rules.forget(vin)
 
     def _save_many(
-        self, session: Session, states: Sequence[tuple[str, _Loaded, dict[str, Any] | None, int | None]]
+        self, session: Session, states: Sequence[tuple[str, _Loaded, dict[str, Any] | None, int | None, int | None]]
     ) -> None:
+        """Write vehicles' states (vin, checked-out version, exported state, newest sample, next tick due)."""
         now = self.clock()
         fresh: list[dict[str, Any]] = []
         bumped: list[dict[str, Any]] = []
-        for vin, loaded, state, last_ts in states:
+        for vin, loaded, state, last_ts, next_tick in states:
             assert state is not None
             state_json = json.dumps(state, separators=(",", ":"))
             if loaded.version is None:
                 fresh.append(
-                    {"vin": vin, "state_json": state_json, "version": 1, "last_ts": last_ts, "updated_ms": now}
+                    {
+                        "vin": vin,
+                        "state_json": state_json,
+                        "version": 1,
+                        "last_ts": last_ts,
+                        "updated_ms": now,
+                        "next_tick_ms": next_tick,
+                    }
                 )
             else:
-                bumped.append({"b_vin": vin, "b_version": loaded.version, "b_state": state_json, "b_last_ts": last_ts})
+                bumped.append(
+                    {
+                        "b_vin": vin,
+                        "b_version": loaded.version,
+                        "b_state": state_json,
+                        "b_last_ts": last_ts,
+                        "b_next_tick": next_tick,
+                    }
+                )
         # Core statements on the session's connection (same transaction): an ORM bulk UPDATE would not take the
         # version criterion.
         conn = session.connection()
@@ -766,7 +787,7 @@ class AlarmService:
                 raise RuleStateConflict(
                     f"rule state of {len(bumped) - done} of {len(bumped)} vehicles changed under their version"
                 )
-        for _vin, loaded, _state, _ts in states:
+        for _vin, loaded, _state, _ts, _next in states:
             loaded.version = 1 if loaded.version is None else loaded.version + 1
 
     # -- vehicle context --------------------------------------------------------------------------------------
@@ -1099,7 +1120,8 @@ class AlarmService:
             return {"ticked": self._tick_vehicles(now), "escalated": self._escalate_overdue(now)}
 
     def _tick_vehicles(self, now: int) -> int:
-        stale_before = now - int(self.config.tick_stale_s * 1000)
+        """Tick the vehicles that are due (`next_tick_ms` passed), a page at a time: a silent fleet costs a round
+        only the vehicles whose offline level or peak can change now, not every vehicle that is quiet."""
         after = ""
         ticked = 0
         while True:
@@ -1107,7 +1129,7 @@ class AlarmService:
                 with Session(self.engine) as session:
                     page = session.execute(
                         select(RuleStateRow.vin, RuleStateRow.version, RuleStateRow.state_json)
-                        .where(RuleStateRow.last_ts < stale_before, RuleStateRow.vin > after)
+                        .where(RuleStateRow.next_tick_ms <= now, RuleStateRow.vin > after)
                         .order_by(RuleStateRow.vin)
                         .limit(self.config.tick_page)
                     ).all()
@@ -1127,18 +1149,18 @@ class AlarmService:
                 ctx = self._contexts_for(session, [vin])[vin]
             self._restore(scratch, vin, state_json, under_lock=False)
             events = scratch.tick(vin, ctx, now)
-            if not events:
-                return
+            # Saved even without events: the state moved on (durations, last observation) and so did the due time.
             state = scratch.export_state(vin)
             assert state is not None
             last_ts = scratch.state(vin).last_ts
+            next_tick = scratch.next_tick_ms(vin, ctx, now)
             with Session(self._write_engine) as session, session.begin():
                 current = session.execute(
                     select(RuleStateRow.version).where(RuleStateRow.vin == vin).with_for_update()
                 ).scalar_one_or_none()
                 if current != version:
                     return  # it reported (or another worker ticked it) meanwhile: not evaluated on stale state
-                self._save_many(session, [(vin, _Loaded(version, ctx), state, last_ts)])
+                self._save_many(session, [(vin, _Loaded(version, ctx), state, last_ts, next_tick)])
                 for ev in events:
                     self._apply(session, ev, now)
         except SQLAlchemyError as exc:

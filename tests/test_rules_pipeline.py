@@ -145,7 +145,7 @@ def test_the_state_row_is_authoritative_version_checked_and_an_unreadable_one_is
     with Session(svc.engine) as session, session.begin():
         session.execute(update(RuleStateRow).where(RuleStateRow.vin == VIN).values(version=RuleStateRow.version + 5))
     with pytest.raises(RuleStateConflict), Session(svc.engine) as session, session.begin():
-        svc.alarms._save_many(session, [(VIN, _Loaded(1, VehicleContext()), state, v.ts(2))])
+        svc.alarms._save_many(session, [(VIN, _Loaded(1, VehicleContext()), state, v.ts(2), None)])
     # A state this release cannot read: the vehicle starts afresh instead of blocking its ingest.
     with Session(svc.engine) as session, session.begin():
         session.execute(update(RuleStateRow).where(RuleStateRow.vin == VIN).values(state_json='{"version": 99}'))
@@ -239,20 +239,29 @@ def test_offline_rule_runs_on_the_periodic_tick(svc: IngestService, clock: Clock
     v = Vehicle(VIN)
     ingest(svc, v.batch(0, [30.0] * 3))  # newest sample at 2 s; reporting interval 5 s → offline after 15 s
     clock.now = v.ts(2) + 14_000
-    assert svc.alarms.tick_once()["ticked"] == 1
+    assert svc.alarms.tick_once()["ticked"] == 0  # not due: nothing can change before 15 s of silence
     assert alarms_of(svc, VIN, OFFLINE) == []
-    clock.now = v.ts(2) + 16_000
-    svc.alarms.tick_once()
+    clock.now = v.ts(2) + 15_000
+    assert svc.alarms.tick_once()["ticked"] == 1
     (a,) = alarms_of(svc, VIN, OFFLINE)
-    assert (a.level, a.state, a.cleared_ms) == (1, "DETECTED", None)
+    assert (a.level, a.state, a.cleared_ms, a.peak) == (1, "DETECTED", None, 3.0)
     version = rule_state_version(svc, VIN)
     clock.advance(10)
-    svc.alarms.tick_once()  # still offline: nothing new, no write
+    assert svc.alarms.tick_once()["ticked"] == 0  # still offline, nothing due: no tick, no write
     assert rule_state_version(svc, VIN) == version
-    assert len(alarms_of(svc, VIN, OFFLINE)) == 1
-    ingest(svc, v.batch(40, [30.0]))  # it reports again: the ingest engine sees the ticked state and clears
+    # Next due: the peak's next step (update_step 60 intervals after the raise's 3): 63 x 5 s of silence.
+    clock.now = v.ts(2) + 63 * 5_000 - 1
+    assert svc.alarms.tick_once()["ticked"] == 0
+    clock.now = v.ts(2) + 63 * 5_000
+    assert svc.alarms.tick_once()["ticked"] == 1
     (a,) = alarms_of(svc, VIN, OFFLINE)
-    assert a.cleared_ms == v.ts(40)
+    assert (a.level, a.peak) == (1, 63.0)
+    assert len(alarms_of(svc, VIN, OFFLINE)) == 1
+    ingest(svc, v.batch(400, [30.0]))  # it reports again: the ingest engine sees the ticked state and clears
+    (a,) = alarms_of(svc, VIN, OFFLINE)
+    assert a.cleared_ms == v.ts(400)
+    clock.now = v.ts(400) + 14_000
+    assert svc.alarms.tick_once()["ticked"] == 0
 
 
 def test_the_context_comes_from_the_profile_and_the_status_reports_lock(svc: IngestService) -> None:

@@ -562,16 +562,22 @@ class IngestChild:
         stop_process(self.proc, timeout=20)
 
 
+BENCH_REPORTING_S = 600.0  # the profile's reporting interval for bench vehicles (offline after 3x)
+
+
 def register_fleet(data_dir: Path, vehicles: int, seed: int) -> str:
     """Registers the fleet's derived keys in the data dir's registry; returns an admin API key for the bench.
 
     One transaction with the rows `Registry.register_device` writes per vehicle (device, its counters, its key):
     that method commits and fsyncs per vehicle, 1.5–12 ms each here, minutes for 10,000. A sample of the
     vehicles is then looked up through the registry, as the pipeline will, to prove the rows are what it expects.
+    Each vehicle also gets a profile with the reporting interval the bench fleet really has (`BENCH_REPORTING_S`:
+    10,000 vehicles in round robin report every 5–400 s across the ramp), as an operator would register it —
+    with the default 5 s every bench vehicle would be "offline" and the bench would measure 10,000 offline alarms.
     """
     from sqlalchemy.orm import Session
 
-    from cloud_ingest.db import Device, DeviceKeyRow, DeviceState
+    from cloud_ingest.db import Device, DeviceKeyRow, DeviceState, VehicleProfile
     from cloud_ingest.registry import KeyState
     from cloud_ingest.service import IngestService
     from protocol import key_id_for
@@ -584,6 +590,10 @@ def register_fleet(data_dir: Path, vehicles: int, seed: int) -> str:
             session.flush()
             session.add_all(DeviceState(vin=vin, messages=0, samples=0) for vin, _ in keys)
             session.add_all(DeviceKeyRow(vin=vin, key_id=key_id_for(raw).hex(), public_key=raw) for vin, raw in keys)
+            now_ms = int(time.time() * 1000)
+            session.add_all(
+                VehicleProfile(vin=vin, reporting_interval_s=BENCH_REPORTING_S, updated_ms=now_ms) for vin, _ in keys
+            )
         for vin, raw in keys[:: max(1, vehicles // 50)]:
             found = service.registry.lookup_key(vin, key_id_for(raw))
             if found.state is not KeyState.ACTIVE or found.public_key != raw:

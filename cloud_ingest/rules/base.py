@@ -65,6 +65,16 @@ class Rule:
     def on_tick(self, mem: Mem, now_ms: int, last_sample_ms: int | None, ctx: VehicleContext) -> Observation | None:
         return None
 
+    def tick_marks_ms(
+        self, mem: Mem, last_sample_ms: int | None, ctx: VehicleContext, peak: float | None, step: float
+    ) -> list[int]:
+        """For a TICKS rule: the instants at which `on_tick`'s observation may change its level, or move an open
+        alarm's peak (`peak` + `step`), for a vehicle silent since `last_sample_ms`. The engine ticks the vehicle
+        at the first of them still to come (and when a level's duration ends), not on every round. The default,
+        one mark a second after the newest sample and then none, suits a rule whose tick observation is fixed
+        once it is made."""
+        return [] if last_sample_ms is None else [last_sample_ms + 1000]
+
     # -- helpers for threshold rules ------------------------------------------------------------------------
 
     def grade(self, value: float, detail: Mapping[str, Any] | None = None) -> Observation:

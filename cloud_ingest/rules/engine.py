@@ -181,6 +181,27 @@ class RuleEngine:
                 self._apply(vin, b, rs, obs, now_ms, events)
         return events
 
+    def next_tick_ms(self, vin: str, ctx: VehicleContext, after_ms: int) -> int | None:
+        """When `tick` may next change something for `vin`: the first of its time-based rules' marks (level
+        thresholds, an open alarm's next peak step) and pending level durations later than `after_ms`; None when
+        nothing can change before the vehicle reports again. Ticking only then keeps a round's cost to the
+        vehicles that are due, not to every silent one."""
+        st = self._states.get(vin)
+        if st is None:
+            return None
+        due: int | None = None
+        for b in self._ruleset(ctx)[1]:
+            rs = st.rules.get(b.id)
+            mem = rs.mem if rs is not None else {}
+            peak = rs.open.peak if rs is not None and rs.open is not None else None
+            marks = b.rule.tick_marks_ms(mem, st.last_ts, ctx, peak, b.step)
+            if rs is not None:
+                marks += [start + b.durations[i] for i, start in enumerate(rs.since) if start is not None]
+            for t in marks:
+                if t > after_ms and (due is None or t < due):
+                    due = t
+        return due
+
     # -- machinery ----------------------------------------------------------------------------------------------
 
     def _ruleset(self, ctx: VehicleContext) -> tuple[tuple[_Bound, ...], tuple[_Bound, ...]]:
