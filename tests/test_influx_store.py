@@ -191,6 +191,28 @@ def test_store_round_trips_any_vin_and_string_it_accepts(stores: Stores, vin: st
     assert store.latest(vin) == (2, {SOC: 12.5})
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(st.characters(codec="utf-8"), max_size=40) | _tricky_text,
+    soc=st.floats(0, 100, allow_nan=False) | st.integers(0, 100).map(float),
+    cycles=st.integers(0, 10_000),
+)
+def test_msgpack_and_json_answers_read_the_same(stores: Stores, text: str, soc: float, cycles: int) -> None:
+    """Queries ask InfluxDB 1.x for MessagePack; a server answering JSON (2.x/3.x v1 compatibility) must read the
+    same, whole floats included (JSON has one number type)."""
+    if not stores.opened:
+        stores.open(msgpack_reads=True)
+        stores.open(msgpack_reads=False)
+    packed, plain = stores.opened
+    packed.write_many([(VIN, Batch([1_000, 2_000], {BARCODE: [text, None], SOC: [soc, None], CYCLES: [None, cycles]}))])
+    for store in (packed, plain):
+        got = store.query(VIN, 0, END, [BARCODE, SOC, CYCLES], 10)
+        assert got.columns[SOC][0] == soc and type(got.columns[SOC][0]) is float
+        assert got.columns[BARCODE][0] == text and got.columns[CYCLES][1] == cycles
+    assert packed.latest(VIN) == plain.latest(VIN)
+    assert packed.fleet_snapshot([SOC, CYCLES]) == plain.fleet_snapshot([SOC, CYCLES])
+
+
 def test_rejected_data_is_quarantined_and_the_rest_lands(stores: Stores) -> None:
     # An integer field that already exists as a float (a catalogue type change, or another writer): InfluxDB
     # answers 400 for that point and stores the others of the same request.
