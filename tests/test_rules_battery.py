@@ -168,6 +168,26 @@ def test_internal_short_one_cell_falling_at_rest_raises_escalates_and_clears_aft
     assert f.secs(cleared[0]) - start == s.params["settle_s"] + s.clear_duration_ms / 1000
 
 
+def test_internal_short_takes_a_new_baseline_when_another_pack_is_swapped_in_at_rest() -> None:
+    s = rule_settings("internal_short_suspected")
+    l1 = s.levels[0]
+    assert l1 is not None
+    f = Feeder(engine("internal_short_suspected"))
+    first = _pack(0.0)
+    f.run(400, lambda t: {**first(t), n.BARCODE: "PACK-A"})  # rested: baseline of pack A taken at 300 s
+    # Pack B, swapped in without a current above the rest threshold: its cell 5 sits 2 x L1 lower than A's did.
+    other = _pack(0.0)(0)
+    other[f"{n.CELL_PREFIX}5"] = other[f"{n.CELL_PREFIX}5"] - 2 * l1 / 1000  # type: ignore[operator]
+    other[n.BARCODE] = "PACK-B"
+    f.run(1200, lambda t: other)
+    assert f.events == []  # compared with pack A's baseline this would have raised at L2
+    # Without a barcode change the same step is a falling cell.
+    g = Feeder(engine("internal_short_suspected"))
+    g.run(400, lambda t: {**first(t), n.BARCODE: "PACK-A"})
+    g.run(1200, lambda t: {**other, n.BARCODE: "PACK-A"})
+    assert _raised_at(g)
+
+
 @pytest.mark.parametrize(
     ("label", "make"),
     [
@@ -272,6 +292,32 @@ def test_battery_past_its_default_service_life_raises_at_the_service_life_level(
 def test_battery_within_its_service_life_raises_nothing(chemistry: str, years_ago: float, marked: float | None) -> None:
     f = _aged(chemistry, years_ago, marked)
     assert f.run(400, lambda t: healthy()) == []
+
+
+def test_service_life_alarm_clears_once_a_new_pack_is_recorded_when_the_bms_reports_no_soh() -> None:
+    s = rule_settings("battery_ageing")
+    f = _aged("NMC", 3.5)
+    no_soh = {k: v for k, v in healthy().items() if k != n.SOH}
+    f.run(s.duration_ms[1] / 1000 + 10, lambda t: no_soh)
+    assert _raised_at(f) == [(s.duration_ms[1] / 1000, s.params["service_life_level"])]
+    # The pack is replaced and the new one's production date recorded in the profile.
+    f.ctx = context(chemistry="NMC", battery=ApprovedBattery(frozenset({BARCODE}), 24.0, CELLS, T0_MS, None))
+    start = f.t
+    f.run(s.clear_duration_ms / 1000 + 5, lambda t: no_soh)
+    assert [f.secs(e) for e in of_kind(f.events, EventKind.CLEARED)] == [start + s.clear_duration_ms / 1000]
+
+
+def test_where_soh_was_reported_samples_without_it_do_not_clear_a_low_soh_alarm() -> None:
+    s = rule_settings("battery_ageing")
+    l2 = s.levels[1]
+    assert l2 is not None
+    f = _aged("NMC", 1.0)
+    low = healthy(**{n.SOH: l2 - 1})
+    no_soh = {k: v for k, v in healthy().items() if k != n.SOH}
+    f.run(s.duration_ms[1] / 1000 + 10, lambda t: low)
+    assert _raised_at(f)
+    f.run(s.clear_duration_ms / 1000 + 60, lambda t: no_soh)
+    assert of_kind(f.events, EventKind.CLEARED) == []
 
 
 # -- battery–vehicle mismatch --------------------------------------------------------------------------------------

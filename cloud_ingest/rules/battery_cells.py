@@ -58,12 +58,13 @@ class InternalShortSuspected(Rule):
     the metric is the largest fall of a cell's deviation below its baseline. Measuring against the median makes
     the pack's common drift (relaxation, temperature, balancing of all cells) cancel; only a cell that loses
     charge on its own shows. The baseline is retaken at every new rest, so the metric measures one rest period
-    (a night parked is the typical window). Metric: mV.
+    (a night parked is the typical window), and when the pack's barcode changes (a swap made at rest puts other
+    cells behind the same numbers). Metric: mV.
     """
 
     ID = "internal_short_suspected"
     PARAMS: ClassVar = {"rest_current_a": float, "settle_s": float, "min_cells": int}
-    SIGNALS = (n.PACK_I,)
+    SIGNALS = (n.PACK_I, n.BARCODE)
     RECENT = (n.PACK_I,)
 
     def observe(self, mem: Mem, sample: Sample, ctx: VehicleContext) -> Observation | None:
@@ -75,6 +76,12 @@ class InternalShortSuspected(Rule):
             mem["rest_since"] = None
             mem["base"] = None
             return None
+        barcode = sample.text(n.BARCODE)
+        if barcode is not None and barcode != mem.get("barcode"):
+            if mem.get("barcode") is not None:  # another pack: start a new rest and a new baseline
+                mem["rest_since"] = None
+                mem["base"] = None
+            mem["barcode"] = barcode
         ts = sample.ts
         if mem.get("rest_since") is None:
             mem["rest_since"] = ts

@@ -101,11 +101,16 @@ class BmsProtectionRepeated(Rule):
         return self.grade(float(len(events)), {"protections": names})
 
 
+_AGE_OK = Observation(0, None, True, {"service_life_expired": False})
+
+
 class BatteryAgeing(Rule):
     """State of health below the end-of-life tiers, or the pack past its marked service life.
 
     The service life is the pack's mark (approved battery) or, when unmarked, `default_service_life_years` for the
-    chemistry; past it the rule is at least at `service_life_level`. Metric: SOH %.
+    chemistry; past it the rule is at least at `service_life_level`. A vehicle whose BMS has never reported a state
+    of health (the JBD basic info has none) is judged on the age alone: within its service life the condition is
+    clear, so a service-life alarm clears once the pack is replaced and its production date recorded. Metric: SOH %.
     """
 
     ID = "battery_ageing"
@@ -123,8 +128,11 @@ class BatteryAgeing(Rule):
             expired = sample.ts > battery.manufactured_ms + years * MS_PER_YEAR
         if soh is None:
             if not expired:
-                return None
+                # Clear on age alone only where SOH never came: else the SOH samples decide (they may be sparse).
+                known_age = battery is not None and battery.manufactured_ms is not None
+                return _AGE_OK if known_age and not mem.get("soh_seen") else None
             return Observation(self.p["service_life_level"], None, False, {"service_life_expired": True})
+        mem["soh_seen"] = True
         obs = self.grade(soh)
         if not expired:
             return obs
