@@ -15,6 +15,10 @@ Everything here is closed-form, so the vehicle model can evaluate any instant wi
 - **Charging**: constant current until the terminal voltage reaches the charge voltage, then constant voltage
   with the current tapering off exponentially until the charger's cut-off current — the CC-CV profile every
   e-bike charger follows, in closed form.
+- **Abuse** (`Chemistry.ocv_beyond`): past 100 % a cell keeps taking charge at a steeply rising voltage (an NMC
+  cell charged to 4.35 V holds some 8 % more than at 4.20 V); below 0 % — the point the controller and BMS call
+  empty — its voltage falls off a cliff. simulators/faults.py uses it for a charger that over-charges and a pack
+  stored until it over-discharged; the vehicle model itself never leaves 0..100 %.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Chemistry:
     cell_cutoff_v: float  # the controller's low-voltage cut-off per cell (under load)
     cycle_fade_pct: float  # SOH lost per equivalent full cycle
     calendar_fade_pct_per_year: float
+    overcharge_v_per_pct: float = 0.018  # OCV slope above 100 % (V per % of extra charge)
+    overdischarge_v_per_pct: float = 0.1  # OCV slope below 0 % (V per % of charge missing)
 
     def ocv(self, soc_pct: float) -> float:
         """Open-circuit voltage of one cell at `soc_pct`."""
@@ -45,6 +51,15 @@ class Chemistry:
             return curve[0][1]
         (s0, v0), (s1, v1) = curve[i - 1], curve[i]
         return v0 + (v1 - v0) * (soc - s0) / (s1 - s0)
+
+    def ocv_beyond(self, soc_pct: float) -> float:
+        """Open-circuit voltage of one cell at `soc_pct` including the abuse ranges: linear past 100 % (over-charge)
+        and below 0 % (over-discharge, down to a floor of 0.5 V, where the cell is dead); `ocv` inside them."""
+        if soc_pct > 100.0:
+            return self.ocv_curve[-1][1] + self.overcharge_v_per_pct * (soc_pct - 100.0)
+        if soc_pct < 0.0:
+            return max(0.5, self.ocv_curve[0][1] + self.overdischarge_v_per_pct * soc_pct)
+        return self.ocv(soc_pct)
 
     def soc_at_ocv(self, cell_v: float) -> float:
         """The SOC whose open-circuit voltage is `cell_v` (the curve is strictly rising, so this is unique)."""
@@ -75,6 +90,8 @@ NMC = Chemistry(
     cell_cutoff_v=3.23,  # 42 V on a 13S pack, the usual "48 V" controller cut-off
     cycle_fade_pct=0.02,  # ≈ 1000 cycles to 80 %
     calendar_fade_pct_per_year=2.5,
+    overcharge_v_per_pct=0.018,  # ≈ 8 % more charge between 4.20 and 4.35 V
+    overdischarge_v_per_pct=0.1,  # 3.0 V at 3 % below empty, 2.5 V at 8 %
 )
 
 LFP = Chemistry(
@@ -95,6 +112,8 @@ LFP = Chemistry(
     cell_cutoff_v=2.9,
     cycle_fade_pct=0.007,  # ≈ 3000 cycles to 80 %
     calendar_fade_pct_per_year=1.5,
+    overcharge_v_per_pct=0.04,  # past its plateau LFP climbs fast: 3.65 V with 5 % extra
+    overdischarge_v_per_pct=0.12,
 )
 
 CHEMISTRIES: dict[str, Chemistry] = {c.name: c for c in (NMC, LFP)}

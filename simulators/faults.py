@@ -10,30 +10,47 @@ or both of two ways:
   while locked, to crash, to have its pack swapped;
 - **on the state** the devices report, after the model computed it: a probe heating up, a cell collapsing or
   drifting, the configured speed limit or wheel size, the receiver losing its fix, the telematics unit losing the
-  network.
+  network, a charger that over-charges or never stops, a BMS that trips or forgets its charge count.
+
+Where a fault's effect builds up over time it is computed from the model's own physics, second by second and
+remembered (`FaultedModel.memo`): a loose contact's I²R heat from the ride's current, a wrong charger's CC-CV
+session on the chemistry's OCV curve extended past full (`battery.Chemistry.ocv_beyond`). A fault may also set the
+weather (`ambient_c`: a winter night outdoors), which the model then has all day.
 
 Every fault yields a `GroundTruth`: kind, VIN, window, parameters, and what the default hazard rules
 (cloud_ingest/rules/default_rules.toml, docs/RULES.md) must make of it — the rule, the level, by when it must be
 raised and by when cleared after the fault ended — plus the rules whose alarms are a legitimate side effect
-(`collateral`) and operator actions the scenario needs (locking the vehicle in the owner's app). Where the level
+(`collateral`) and the actions the scenario needs (`Action`, below). Where the level
 depends on how the ride went (how long the speed stayed over a threshold, how far a thief got), it is measured on
 the model, not assumed. A fault below the rule's first threshold is a *near miss*: its ground truth expects
 nothing, which is how negative scenarios are written.
 
-Thresholds are those of the default rules file, mirrored in `THRESHOLDS` (simulators never import the cloud);
-tests/test_faults.py holds the two together.
+Thresholds are those of the default rules file (simulators never import the cloud). The first faults mirror them in
+`THRESHOLDS`, which tests/test_faults.py holds against the loaded rules; the later ones read them from the file
+itself through `rule_spec` (the same merge of model and chemistry overrides the rule engine does, held against it
+by the same test) and grade the faulted model's own 1 Hz states with the engine's duration ladder (`_ladder`),
+once with every threshold a margin harder and once a margin easier: when the two disagree the fault sits on a
+threshold and its ground truth refuses to guess (`AmbiguousFault`).
+
+A few faults need the cloud to know something the vehicle cannot send: `Action`s carry it — a profile change
+(the owner locks the vehicle, a pack's production date is registered, a replaced pack's) or a geofence drawn
+through the API before the vehicle charges inside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from simulators.battery import Pack, resistance_factor
 from simulators.route import Route, haversine_m
 from simulators.vehicle import Segment, VehicleModel, VehicleState
 
@@ -49,6 +66,16 @@ FAULT_KINDS = (
     "crash",
     "gnss_jamming",
     "offline",
+    "hot_spot",
+    "cold_charging",
+    "overcharge",
+    "over_discharged_pack",
+    "bms_reset",
+    "bms_overcurrent",
+    "pack_end_of_life",
+    "charger_no_cutoff",
+    "forbidden_charging",
+    "pushed_indoors",
 )
 
 # The default rules' thresholds these faults are graded against (cloud_ingest/rules/default_rules.toml).
@@ -105,6 +132,61 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
     "vehicle_offline": {"levels": (3.0, 720.0)},
 }
 
+RULES_FILE = Path(__file__).resolve().parent.parent / "cloud_ingest" / "rules" / "default_rules.toml"
+_LEVEL_KEYS = ("l1", "l2", "l3")
+
+
+class AmbiguousFault(ValueError):
+    """A fault whose ground truth cannot be told: it sits on one of its rule's thresholds (move it off)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """One rule's settings for a (model, chemistry) as the default rules file gives them (seconds, not ms)."""
+
+    rule: str
+    levels: tuple[float | None, float | None, float | None]  # threshold rules; (None, None, None) otherwise
+    clear: float | None
+    durations_s: tuple[float, float, float]
+    clear_duration_s: float
+    params: dict[str, Any]
+
+
+@functools.cache
+def _rules_document() -> dict[str, Any]:
+    doc: dict[str, Any] = tomllib.loads(RULES_FILE.read_text(encoding="utf-8"))
+    return doc
+
+
+@functools.cache
+def rule_spec(rule: str, model: str | None = None, chemistry: str | None = None) -> RuleSpec:
+    """`rule` in the default rules file, with the model's and then the chemistry's overrides merged in key by key —
+    what the rule engine resolves for that vehicle (tests/test_faults.py holds the two together)."""
+    table = _rules_document()["rules"][rule]
+    merged: dict[str, Any] = {k: v for k, v in table.items() if k not in ("model", "chemistry")}
+    for section, name in (("model", model), ("chemistry", chemistry)):
+        override = table.get(section, {}).get(name, {}) if name is not None else {}
+        for key, value in override.items():
+            base = merged.get(key)
+            merged[key] = {**base, **value} if isinstance(value, dict) and isinstance(base, dict) else value
+    levels = merged.get("levels", {})
+    durations = merged.get("duration_s", 0.0)
+    if not isinstance(durations, dict):
+        durations = dict.fromkeys(_LEVEL_KEYS, durations)
+    return RuleSpec(
+        rule=rule,
+        levels=(levels.get("l1"), levels.get("l2"), levels.get("l3")),
+        clear=merged.get("clear"),
+        durations_s=(
+            float(durations.get("l1", 0.0)),
+            float(durations.get("l2", 0.0)),
+            float(durations.get("l3", 0.0)),
+        ),
+        clear_duration_s=float(merged.get("clear_duration_s", 0.0)),
+        params=dict(merged.get("params", {})),
+    )
+
+
 # Every rule an injected fault may legitimately raise besides its own — a runaway cell also over-heats the pack,
 # spreads the cells and trips the BMS — so a scenario can insist that nothing else fires.
 _COLLATERAL: dict[str, tuple[str, ...]] = {
@@ -128,6 +210,18 @@ _COLLATERAL: dict[str, tuple[str, ...]] = {
     "crash": (),
     "gnss_jamming": ("elevator_entry_suspected",),
     "offline": (),
+    # The faults below grade every rule they can move on the model itself, so what they raise is expected, not
+    # collateral.
+    "hot_spot": (),
+    "cold_charging": (),
+    "overcharge": (),
+    "over_discharged_pack": (),
+    "bms_reset": (),
+    "bms_overcurrent": (),
+    "pack_end_of_life": (),
+    "charger_no_cutoff": (),
+    "forbidden_charging": (),
+    "pushed_indoors": (),
 }
 
 _SLACK_S = 20.0  # sampling, batching and the pipeline: what an expectation's deadline adds to the rule's own time
@@ -170,6 +264,38 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "crash": {"speed_kmh": 35.0, "decel_ms2": 30.0, "still_s": 40.0},
     "gnss_jamming": {},
     "offline": {"interval_s": 5.0},
+    # A loose busbar at `probe` (1: the hottest): its contact resistance heats a small mass next to the probe
+    # under the ride's current; `share` of that heat reaches the next probe. Fixed at the end (no more heat).
+    "hot_spot": {"r_contact_ohm": 0.1, "probe": 1, "tau_s": 300.0, "r_th_k_w": 3.0, "share": 0.35},
+    # Charged where it stood all night: outdoors at `ambient_c` (the day's mean air temperature); unplugged at
+    # the end. `charger_a` None: the vehicle's own home charger.
+    "cold_charging": {"ambient_c": -8.0, "charger_a": None},
+    # A charger whose voltage is above the pack's (`charger_v_per_cell`, at `charger_a`) on a pack whose BMS
+    # charge MOSFET failed shorted, so nothing stops it; plugged into a pack at `soc0` (a charged one from the
+    # swap cabinet). Unplugged at the end; the over-charged cells come down as the rider rides the pack down.
+    "overcharge": {"charger_v_per_cell": 4.35, "charger_a": 6.0, "soc0": 99.0},
+    # A spare stored for months until it self-discharged `depth_pct` below what the BMS calls empty, swapped in
+    # at the start and swapped out again at the end.
+    "over_discharged_pack": {"depth_pct": 6.0},
+    # The BMS browns out and re-estimates the SOC from the cell voltage it measures at that instant (under load,
+    # so it reads low); it counts from there until the end, when it recalibrates at rest. `ride_s`: how long
+    # the vehicle is ridden after the reset before it is parked.
+    "bms_reset": {"ride_s": 120.0},
+    # The pack's BMS trips its discharge over-current protection at `ocp_a`, below what the controller draws on
+    # hard accelerations (an undersized replacement pack); it releases as soon as the current drops.
+    "bms_overcurrent": {"ocp_a": 15.0},
+    # The registered pack reaches its marked service life (`service_life_years`) at the start; at the end it is
+    # replaced by a new pack and the registry told so.
+    "pack_end_of_life": {"service_life_years": 3.0},
+    # A charger whose cut-off failed keeps pushing `trickle_a` into a full pack (plugged in at `soc0`).
+    "charger_no_cutoff": {"trickle_a": 0.5, "soc0": 99.3, "charger_a": None},
+    # Charged in a stairwell: a no-charging zone (`zone_radius_m`, its centre `zone_offset_m` east of where the
+    # vehicle stands) is drawn through the API before; unplugged at the end.
+    "forbidden_charging": {"zone_radius_m": 20.0, "zone_offset_m": 0.0, "charger_a": None},
+    # Pushed into a building at `walk_kmh` for `push_s` (the sky gone); with `floors` > 0 taken up in the lift
+    # (`lift_s`) and pushed on as long (no fix, so no altitude reaches the cloud), 0: a ground-floor bike room;
+    # parked inside until the end, then taken out and ridden away.
+    "pushed_indoors": {"push_s": 45.0, "walk_kmh": 4.0, "floors": 3, "lift_s": 40.0},
 }
 
 
@@ -185,10 +311,12 @@ class Expectation:
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """What a scenario does besides feeding telemetry: at `at_ms`, PUT this profile change (e.g. lock)."""
+    """What a scenario does besides feeding telemetry, at `at_ms`: PUT a change of the vehicle's profile (lock,
+    a pack's production date) and/or create a geofence (the body of `POST /v1/geofences`)."""
 
     at_ms: int
-    profile: dict[str, Any]
+    profile: dict[str, Any] = field(default_factory=dict)
+    geofence: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +377,12 @@ class FaultedModel(VehicleModel):
         **kwargs: Any,
     ) -> None:
         self.faults = tuple(sorted(faults, key=lambda f: f.start))
+        # Per-fault memory of effects that build up over time (a hot spot's heat, a charging session), filled in
+        # time order on a 1 s grid, so a state never depends on which instants were asked for before.
+        self.memo: dict[int, Any] = {}
+        for f in self.faults:
+            if "ambient_c" in _DEFAULTS[f.kind]:
+                kwargs.setdefault("ambient_c", f.num("ambient_c"))  # the weather is part of the scenario
         segments = list(script)
         for f in self.faults:
             for g in _SCRIPTS[f.kind](f, variant):
@@ -261,10 +395,10 @@ class FaultedModel(VehicleModel):
 
     def state_at(self, t: float) -> VehicleState:
         state = super().state_at(t)
-        for f in self.faults:
+        for n, f in enumerate(self.faults):
             # Effects outlast their window a while (a cooling probe, a recovering cell): each modifier decides.
             if t >= f.start:
-                state = _MODIFIERS[f.kind](f, state, self)
+                state = _MODIFIERS[f.kind](f, state, self, n)
         return state
 
     def baseline_at(self, t: float) -> VehicleState:
@@ -273,6 +407,11 @@ class FaultedModel(VehicleModel):
 
     def ground_truth(self, vin: str) -> list[GroundTruth]:
         return [_TRUTH[f.kind](f, vin, self) for f in self.faults]
+
+    def takes_over_at(self) -> float:
+        """When the first fault's script (or the fault itself) takes the vehicle over: what happened before is
+        the vehicle's ordinary day, which a scenario need not watch."""
+        return min(min([f.start, *(g.t0 for g in _SCRIPTS[f.kind](f, self.variant.name))]) for f in self.faults)
 
 
 # -- scripts: what each fault does to the rider's plan ----------------------------------------------------------------
@@ -370,6 +509,117 @@ def _script_none(f: Fault, variant: str) -> list[Segment]:
     return []
 
 
+def _charger_a(f: Fault, variant: str) -> float:
+    from simulators.vehicle import VARIANTS
+
+    given = f.param("charger_a")
+    return float(given) if given is not None else VARIANTS[variant].home_charger_a
+
+
+def _script_hot_spot(f: Fault, variant: str) -> list[Segment]:
+    # An errand long enough for the spot to heat; then the vehicle stands at the repair shop while it cools.
+    return [_ride(f.start - 120.0, f.end, deliveries=False), _park(f.end, f.end + 1500.0, locked=False)]
+
+
+def _script_cold_charging(f: Fault, variant: str) -> list[Segment]:
+    charge = {"locked": False, "charge": "home", "charger_a": _charger_a(f, variant)}
+    return [
+        _park(f.start - 1800.0, f.start, locked=False),  # outdoors since the night: the pack is at the air's
+        Segment("park", f.start, f.end, charge),
+        _park(f.end, f.end + 900.0, locked=False),
+    ]
+
+
+def _script_overcharge(f: Fault, variant: str) -> list[Segment]:
+    # A charged pack from the cabinet, parked at home; the wrong charger's session is the modifier's (the model's
+    # own charger would stop at full). After it the rider rides the extra charge off.
+    return [
+        Segment("swap", f.start - 360.0, f.start - 240.0, {"pack": "spare", "soc": f.num("soc0")}),
+        _park(f.start - 240.0, f.end + 60.0, locked=False),
+        _ride(f.end + 60.0, f.end + 2400.0, deliveries=False),
+    ]
+
+
+def _script_over_discharged(f: Fault, variant: str) -> list[Segment]:
+    # The stored pack goes in at the middle of the first swap and out at the middle of the second. Ridden up to
+    # the first and off from the second: a swap at rest would make the internal-short rule compare one pack's
+    # cells with the other's (see docs/RULES.md, scenario notes).
+    return [
+        _ride(f.start - 400.0, f.start - 60.0, deliveries=False),
+        Segment("swap", f.start - 60.0, f.start + 60.0, {"pack": "spare", "soc": 0.0}),
+        _park(f.start + 60.0, f.end - 60.0, locked=False),
+        Segment("swap", f.end - 60.0, f.end + 60.0, {"pack": "own"}),
+        _ride(f.end + 60.0, f.end + 900.0, deliveries=False),
+    ]
+
+
+def _script_bms_reset(f: Fault, variant: str) -> list[Segment]:
+    parked_at = f.start + f.num("ride_s")
+    if parked_at >= f.end:
+        raise ValueError("bms_reset: the vehicle must be parked before the BMS recalibrates at the end")
+    return [
+        _ride(f.start - 300.0, parked_at, deliveries=False),
+        _park(parked_at, f.end + 1200.0, locked=False),
+    ]
+
+
+def _script_overcurrent(f: Fault, variant: str) -> list[Segment]:
+    return [_ride(f.start - 60.0, f.end + 800.0, deliveries=False)]
+
+
+def _script_end_of_life(f: Fault, variant: str) -> list[Segment]:
+    # The new pack goes in at the middle of the swap, at the end of the fault.
+    return [
+        _park(f.start - 600.0, f.end - 60.0, locked=False),
+        Segment("swap", f.end - 60.0, f.end + 60.0, {"pack": "spare"}),
+        _park(f.end + 60.0, f.end + 1200.0, locked=False),
+    ]
+
+
+def _script_no_cutoff(f: Fault, variant: str) -> list[Segment]:
+    charge = {"locked": False, "charge": "home", "charger_a": _charger_a(f, variant)}
+    return [
+        Segment("swap", f.start - 150.0, f.start - 30.0, {"pack": "spare", "soc": f.num("soc0")}),
+        _park(f.start - 30.0, f.start, locked=False),
+        Segment("park", f.start, f.end, charge),
+        _park(f.end, f.end + 600.0, locked=False),
+    ]
+
+
+def _script_forbidden_charging(f: Fault, variant: str) -> list[Segment]:
+    charge = {"locked": False, "charge": "forbidden", "charger_a": _charger_a(f, variant)}
+    return [
+        _ride(f.start - 600.0, f.start - 180.0, deliveries=False),
+        _park(f.start - 180.0, f.start, locked=False),
+        Segment("park", f.start, f.end, charge),
+        _park(f.end, f.end + 900.0, locked=False),
+    ]
+
+
+def _indoor_phases(f: Fault) -> list[tuple[str, float, float]]:
+    """(kind, t0, t1) of what happens inside: pushed ("push"), in the lift or parked ("still")."""
+    push, lift = f.num("push_s"), f.num("lift_s")
+    out = [("push", f.start, f.start + push)]
+    t = f.start + push
+    if int(f.param("floors")) > 0:
+        out += [("still", t, t + lift), ("push", t + lift, t + lift + push)]
+        t += lift + push
+    if t >= f.end:
+        raise ValueError("pushed_indoors: the fault must last past the pushing and the lift")
+    return [*out, ("still", t, f.end)]
+
+
+def _script_pushed_indoors(f: Fault, variant: str) -> list[Segment]:
+    walk = f.num("walk_kmh")
+    out = [_ride(f.start - 300.0, f.start, deliveries=False)]
+    for kind, t0, t1 in _indoor_phases(f):
+        if kind == "push":
+            out.append(_ride(t0, t1, limiter_kmh=walk, wish_kmh=(walk - 0.3, walk), stops=False))
+        else:
+            out.append(_park(t0, t1, locked=False))
+    return [*out, _ride(f.end, f.end + 600.0, deliveries=False)]
+
+
 _SCRIPTS: dict[str, Callable[[Fault, str], list[Segment]]] = {
     "thermal_runaway": _script_runaway,
     "thermal_runaway_precursor": _script_precursor,
@@ -382,6 +632,16 @@ _SCRIPTS: dict[str, Callable[[Fault, str], list[Segment]]] = {
     "crash": _script_crash,
     "gnss_jamming": _script_jamming,
     "offline": _script_none,
+    "hot_spot": _script_hot_spot,
+    "cold_charging": _script_cold_charging,
+    "overcharge": _script_overcharge,
+    "over_discharged_pack": _script_over_discharged,
+    "bms_reset": _script_bms_reset,
+    "bms_overcurrent": _script_overcurrent,
+    "pack_end_of_life": _script_end_of_life,
+    "charger_no_cutoff": _script_no_cutoff,
+    "forbidden_charging": _script_forbidden_charging,
+    "pushed_indoors": _script_pushed_indoors,
 }
 
 
@@ -410,7 +670,7 @@ def runaway_excess_c(f: Fault, t: float) -> float:
     return min(peak, top) * math.exp(-(t - f.end) / 20.0)
 
 
-def _mod_runaway(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_runaway(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     excess = runaway_excess_c(f, s.t)
     if excess < 0.01:
         return s
@@ -438,7 +698,7 @@ def _precursor_excess(f: Fault, t: float) -> float:
     return rate * (f.end - f.start) * math.exp(-(t - f.end) / 900.0)
 
 
-def _mod_precursor(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_precursor(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     excess = _precursor_excess(f, s.t)
     probes = list(s.probe_temps_c) or [s.battery_temp_max_c]
     return _with_probes(s, [p + excess * (1.0 if k == 0 else 0.9) for k, p in enumerate(probes)])
@@ -451,7 +711,7 @@ def _ramp(f: Fault, t: float, ramp_s: float) -> float:
     return max(0.0, 1.0 - (t - f.end) / ramp_s)
 
 
-def _mod_imbalance(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_imbalance(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     share = _ramp(f, s.t, 60.0)
     if share <= 0.0 or not s.cell_voltages_v:
         return s
@@ -469,7 +729,7 @@ def short_fall_mv(f: Fault, t: float) -> float:
     return max(0.0, reached * (1.0 - (t - f.end) / 60.0))
 
 
-def _mod_short(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_short(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     fall = short_fall_mv(f, s.t)
     if fall <= 0.0 or not s.cell_voltages_v:
         return s
@@ -479,31 +739,208 @@ def _mod_short(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
     return _with_cells(s, cells)
 
 
-def _mod_speed(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_speed(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     if s.t > f.end or not f.param("reconfigure"):
         return s
     return dataclasses.replace(s, speed_limit_cfg_kmh=float(f.num("limit_kmh")))
 
 
-def _mod_wheel(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_wheel(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     if s.t > f.end:
         return s
     return dataclasses.replace(s, wheel_inch_cfg=float(f.num("configured_inch")))
 
 
-def _mod_jamming(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_jamming(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     return s if s.t > f.end else dataclasses.replace(s, gnss_fix=False)
 
 
-def _mod_offline(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_offline(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     return s if s.t > f.end else dataclasses.replace(s, online=False)
 
 
-def _mod_none(f: Fault, s: VehicleState, m: VehicleModel) -> VehicleState:
+def _mod_none(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
     return s
 
 
-_MODIFIERS: dict[str, Callable[[Fault, VehicleState, VehicleModel], VehicleState]] = {
+def _pack_in(m: VehicleModel, s: VehicleState) -> Pack | None:
+    return next((p for p in m.packs if p.barcode == s.battery_barcode), None)
+
+
+def _cell_r(m: VehicleModel, s: VehicleState, soc: float | None = None) -> float:
+    """One cell's share of the pack resistance at the state's temperature, SOC and health (the model's)."""
+    soc = s.soc_pct if soc is None else soc
+    factor = resistance_factor(s.battery_temp_max_c, min(100.0, max(0.0, soc)), s.soh_pct)
+    return m.pack_resistance_ohm * factor / max(1, len(s.cell_voltages_v) or m.cells)
+
+
+def _r_offsets(m: VehicleModel, s: VehicleState) -> tuple[float, ...]:
+    pack = _pack_in(m, s)
+    n = len(s.cell_voltages_v)
+    return pack.cell_r_offsets if pack is not None and len(pack.cell_r_offsets) == n else (0.0,) * n
+
+
+def _with_current(m: VehicleModel, s: VehicleState, current_a: float) -> VehicleState:
+    """`s` with the pack current changed to `current_a` (positive into the pack): each cell's terminal voltage
+    moves by the change across its resistance, as the model computes it."""
+    if not s.cell_voltages_v:
+        return dataclasses.replace(s, pack_current_a=current_a)
+    delta = (current_a - s.pack_current_a) * _cell_r(m, s)
+    cells = [v + delta * (1.0 + r) for v, r in zip(s.cell_voltages_v, _r_offsets(m, s), strict=True)]
+    return dataclasses.replace(_with_cells(s, cells), pack_current_a=current_a)
+
+
+def _cells_at_soc(m: VehicleModel, s: VehicleState, soc: float) -> list[float]:
+    """The cells' terminal voltages with the pack at `soc` (which may lie beyond 0..100 %) and the state's
+    current: each at its own SOC offset and resistance, on the chemistry's extended OCV curve."""
+    pack = _pack_in(m, s)
+    n = len(s.cell_voltages_v)
+    if pack is None or len(pack.cell_soc_offsets) != n:
+        offsets: Sequence[float] = (0.0,) * n
+        r_offsets: Sequence[float] = (0.0,) * n
+    else:
+        offsets, r_offsets = pack.cell_soc_offsets, pack.cell_r_offsets
+    chem = m.chemistry
+    r = _cell_r(m, s, soc)
+    return [
+        chem.ocv_beyond(soc + off) + s.pack_current_a * r * (1.0 + roff)
+        for off, roff in zip(offsets, r_offsets, strict=True)
+    ]
+
+
+def _grid(memo: list[Any], f: Fault, t: float, step: Callable[[list[Any], float], Any]) -> tuple[Any, Any, float]:
+    """Values of a quantity built up second by second from `f.start` (`step(memo, t_of_next)` appends the next):
+    the two grid values around `t` and where `t` lies between them."""
+    k = t - f.start
+    while len(memo) < math.ceil(k) + 2:
+        memo.append(step(memo, f.start + len(memo)))
+    k0 = math.floor(k)
+    return memo[k0], memo[k0 + 1], k - k0
+
+
+def hot_spot_excess_c(f: Fault, m: FaultedModel, n: int, t: float) -> float:
+    """Temperature excess of the hot spot at `t`: a first-order body (`tau_s`, `r_th_k_w`) heated by I²·R of the
+    contact at the pack's current, sampled each second; after the fault (fixed) it only cools."""
+    tau, heat = f.num("tau_s"), f.num("r_contact_ohm") * f.num("r_th_k_w")
+    keep = math.exp(-1.0 / tau)
+
+    def step(memo: list[Any], t_next: float) -> float:
+        current = m.baseline_at(t_next - 1.0).pack_current_a
+        return float(memo[-1]) * keep + current * current * heat * (1.0 - keep)
+
+    memo = m.memo.setdefault(n, [0.0])
+    if t > f.end:
+        a, b, x = _grid(memo, f, f.end, step)
+        return float(a + (b - a) * x) * math.exp(-(t - f.end) / tau)
+    a, b, x = _grid(memo, f, t, step)
+    return float(a + (b - a) * x)
+
+
+def _mod_hot_spot(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    excess = hot_spot_excess_c(f, m, n, s.t)
+    if excess < 0.01 or not s.probe_temps_c:
+        return s
+    at = min(int(f.param("probe")), len(s.probe_temps_c)) - 1
+    share = f.num("share")
+    probes = [p + excess * (1.0 if k == at else share / abs(k - at)) for k, p in enumerate(s.probe_temps_c)]
+    return _with_probes(s, probes)
+
+
+def overcharge_session(f: Fault, m: FaultedModel, n: int, t: float) -> tuple[float, float]:
+    """(SOC %, which passes 100; current A) of the wrong charger's session at `t` (clamped to the fault), second
+    by second: constant current until a cell's terminal voltage reaches the charger's voltage, then constant
+    voltage on the chemistry's extended OCV curve — it keeps pushing charge past full."""
+    memo = m.memo.get(n)
+    if memo is None:
+        base = m.baseline_at(f.start)
+        memo = m.memo[n] = [(base.soc_pct, 0.0)]
+    chem = m.chemistry
+    v_set, i_cc = f.num("charger_v_per_cell"), f.num("charger_a")
+
+    def step(memo: list[Any], t_next: float) -> tuple[float, float]:
+        base = m.baseline_at(t_next - 1.0)
+        soc = float(memo[-1][0])
+        r = _cell_r(m, base, soc)
+        ocv = chem.ocv_beyond(soc)
+        current = i_cc if ocv + i_cc * r <= v_set else max(0.0, (v_set - ocv) / r)
+        capacity = base.nominal_ah * base.soh_pct / 100.0
+        return soc + current / (capacity * 36.0), current
+
+    a, b, x = _grid(memo, f, min(t, f.end), step)
+    return a[0] + (b[0] - a[0]) * x, a[1] + (b[1] - a[1]) * x
+
+
+def _mod_overcharge(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if not s.battery_present or not s.cell_voltages_v:
+        return s
+    if s.t <= f.end:
+        soc, current = overcharge_session(f, m, n, s.t)
+        s = dataclasses.replace(s, pack_current_a=current, activity="charging", charging_place="home")
+        cells = _cells_at_soc(m, s, soc)
+        limit = f.num("charger_v_per_cell") * len(cells)
+        if sum(cells) > limit:  # the charger holds the pack at its voltage; the cells share it
+            shift = (sum(cells) - limit) / len(cells)
+            cells = [c - shift for c in cells]
+        return dataclasses.replace(_with_cells(s, cells), soc_pct=min(100.0, soc))
+    # Unplugged: the extra charge stays in the cells (over the model's own SOC) until the rides take it out.
+    pack = m.memo.get(-1 - n)
+    if pack is None:
+        end = m.baseline_at(f.end)
+        pack = m.memo[-1 - n] = (end.battery_barcode, overcharge_session(f, m, n, f.end)[0] - end.soc_pct)
+    if s.battery_barcode != pack[0]:
+        return s
+    soc = s.soc_pct + pack[1]
+    return dataclasses.replace(_with_cells(s, _cells_at_soc(m, s, soc)), soc_pct=min(100.0, soc))
+
+
+def _mod_over_discharged(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if s.t > f.end or not s.battery_present or not s.cell_voltages_v or s.battery_barcode == m.packs[0].barcode:
+        return s
+    cells = _cells_at_soc(m, s, -f.num("depth_pct"))
+    return dataclasses.replace(_with_cells(s, cells), soc_pct=0.0)
+
+
+def bms_reset_estimate(f: Fault, m: FaultedModel) -> tuple[float, float]:
+    """(the SOC the BMS estimates at its reset, the true SOC then): the estimate is where the chemistry's OCV
+    curve puts the mean cell voltage it measures — under load, so a riding pack reads low."""
+    s = m.baseline_at(f.start)
+    return m.chemistry.soc_at_ocv(s.pack_voltage_v / max(1, s.cell_count or m.cells)), s.soc_pct
+
+
+def _mod_bms_reset(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if s.t >= f.end:
+        return s  # recalibrated at rest: the true SOC again
+    estimate, true = m.memo.get(n) or m.memo.setdefault(n, bms_reset_estimate(f, m))
+    return dataclasses.replace(s, soc_pct=min(100.0, max(0.0, estimate + s.soc_pct - true)))
+
+
+OVERCURRENT_BIT = 9  # JBD protection status: discharge over-current
+
+
+def _mod_overcurrent(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if s.t > f.end or -s.pack_current_a < f.num("ocp_a"):
+        return s
+    return dataclasses.replace(s, bms_protection=s.bms_protection | 1 << OVERCURRENT_BIT)
+
+
+def _mod_no_cutoff(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if s.t > f.end or not s.battery_present or s.pack_current_a >= f.num("trickle_a"):
+        return s
+    return dataclasses.replace(_with_current(m, s, f.num("trickle_a")), activity="charging", charging_place="home")
+
+
+def _mod_pushed_indoors(f: Fault, s: VehicleState, m: FaultedModel, n: int) -> VehicleState:
+    if s.t > f.end:
+        return s
+    s = dataclasses.replace(s, gnss_fix=False)
+    pushed = any(kind == "push" and t0 <= s.t <= t1 for kind, t0, t1 in _indoor_phases(f))
+    if pushed and s.activity == "riding":
+        # Pushed, not ridden: the controller is on but the motor does not drive.
+        s = _with_current(m, s, -m.variant.idle_current_a)
+    return s
+
+
+_MODIFIERS: dict[str, Callable[[Fault, VehicleState, FaultedModel, int], VehicleState]] = {
     "thermal_runaway": _mod_runaway,
     "thermal_runaway_precursor": _mod_precursor,
     "cell_imbalance": _mod_imbalance,
@@ -515,6 +952,16 @@ _MODIFIERS: dict[str, Callable[[Fault, VehicleState, VehicleModel], VehicleState
     "crash": _mod_none,
     "gnss_jamming": _mod_jamming,
     "offline": _mod_offline,
+    "hot_spot": _mod_hot_spot,
+    "cold_charging": _mod_none,
+    "overcharge": _mod_overcharge,
+    "over_discharged_pack": _mod_over_discharged,
+    "bms_reset": _mod_bms_reset,
+    "bms_overcurrent": _mod_overcurrent,
+    "pack_end_of_life": _mod_none,
+    "charger_no_cutoff": _mod_no_cutoff,
+    "forbidden_charging": _mod_none,
+    "pushed_indoors": _mod_pushed_indoors,
 }
 
 
@@ -800,6 +1247,447 @@ def _truth_offline(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
     return _truth(f, vin, expected, facts={"silence_s": silence})
 
 
+# -- grading on the model: the engine's duration ladder over the faulted model's 1 Hz states -----------------------
+
+LevelOf = Callable[[VehicleState], int]
+StateTest = Callable[[VehicleState], bool]
+MS_PER_YEAR = 365.25 * 24 * 3600 * 1000  # the rule engine's year (battery_ageing)
+
+
+class _Timeline:
+    """The states the agent samples (whole seconds) from `t0` to `t1`, computed only as far as they are asked for:
+    a truth stops looking once it knows (the model costs a fraction of a millisecond per instant)."""
+
+    def __init__(self, m: FaultedModel, t0: float, t1: float) -> None:
+        self.m = m
+        self.t0, self.t1 = math.ceil(t0), math.floor(t1)
+        self.seen: list[VehicleState] = []
+
+    def upto(self, t: float) -> Iterator[VehicleState]:
+        k = 0
+        while True:
+            if k == len(self.seen):
+                if self.t0 + k > min(t, self.t1):
+                    return
+                self.seen.append(self.m.state_at(float(self.t0 + k)))
+            s = self.seen[k]
+            if s.t > t:
+                return
+            yield s
+            k += 1
+
+    def __iter__(self) -> Iterator[VehicleState]:
+        return self.upto(math.inf)
+
+
+def _spec(m: VehicleModel, rule: str) -> RuleSpec:
+    return rule_spec(rule, m.variant.name, m.chemistry.name)
+
+
+def _threshold_level(value: float | None, spec: RuleSpec, margin: float, falling: bool = False) -> int:
+    """The highest level whose threshold `value` passes by `margin` (negative: falls short of by at most that)."""
+    if value is None:
+        return 0
+    level = 0
+    for k, th in enumerate(spec.levels, start=1):
+        if th is not None and (value <= th - margin if falling else value >= th + margin):
+            level = k
+    return level
+
+
+def _usable(spec: RuleSpec) -> frozenset[int]:
+    used = {k for k, th in enumerate(spec.levels, start=1) if th is not None}
+    used |= {int(v) for k, v in spec.params.items() if k == "level" or k.endswith("_level")}
+    return frozenset(used)
+
+
+def _ladder(states: Iterable[VehicleState], level_of: LevelOf, spec: RuleSpec, extra_s: float) -> dict[int, float]:
+    """The engine's ladder: each level is reached once its condition held unbroken for its duration (+ `extra_s`,
+    never below zero); a state graded -1 says nothing. Returns {level: when first reached}."""
+    usable = _usable(spec)
+    since: list[float | None] = [None, None, None]
+    reached: dict[int, float] = {}
+    for s in states:
+        level = level_of(s)
+        if level < 0:
+            continue  # the rule heard nothing: its pending conditions keep their start
+        for i in range(3):
+            if i + 1 not in usable:
+                continue
+            if level > i:
+                start = since[i]
+                if start is None:
+                    start = since[i] = s.t
+                if s.t - start >= max(0.0, spec.durations_s[i] + extra_s) and i + 1 not in reached:
+                    reached[i + 1] = s.t
+            else:
+                since[i] = None
+    return reached
+
+
+def _held_from(states: Iterable[VehicleState], t_from: float, test: StateTest, hold_s: float) -> float | None:
+    """When `test` first held unbroken for `hold_s` among the states from `t_from` on."""
+    since: float | None = None
+    for s in states:
+        if s.t < t_from:
+            continue
+        if test(s):
+            since = s.t if since is None else since
+            if s.t - since >= hold_s:
+                return s.t
+        else:
+            since = None
+    return None
+
+
+def _expectation(
+    rule: str,
+    spec: RuleSpec,
+    states: _Timeline,
+    sure: LevelOf,
+    could: LevelOf,
+    cleared: StateTest,
+    may_clear: StateTest,
+    t_end: float,
+) -> Expectation | None:
+    """What `rule` must make of the states: `sure`/`could` grade each state with every threshold a margin harder /
+    easier, `cleared`/`may_clear` its clear condition likewise. The level is certain only when both ladders agree;
+    the alarm must hold until `t_end` (the end of the fault) and clear after it. Graded until the clear condition
+    held after the fault (the whole timeline if it never does)."""
+    done = _held_from(states, t_end, cleared, spec.clear_duration_s)
+    horizon = math.inf if done is None else done
+    hard = _ladder(states.upto(horizon), sure, spec, min(2.0, max(spec.durations_s)))
+    easy = _ladder(states.upto(horizon), could, spec, -2.0)
+    level, at_most = max(hard, default=0), max(easy, default=0)
+    if level != at_most:
+        raise AmbiguousFault(f"{rule}: L{level} for sure but L{at_most} possible; move the fault off the threshold")
+    if not level:
+        return None
+    raised = min(hard.values())
+    early = _held_from(states.upto(t_end), min(easy.values()), may_clear, max(0.0, spec.clear_duration_s - 2.0))
+    if early is not None:
+        raise AmbiguousFault(f"{rule}: the alarm may clear at {early:.0f}, before the fault ends at {t_end:.0f}")
+    if done is None:
+        raise AmbiguousFault(f"{rule}: the alarm would not clear by {states.t1}; watch the fault longer")
+    return Expectation(rule, level, _ms(raised + _SLACK_S), _ms(done + _SLACK_S))
+
+
+def _graded(
+    m: FaultedModel,
+    rule: str,
+    states: _Timeline,
+    metric: Callable[[VehicleState], float | None],
+    margin: float,
+    t_end: float,
+    falling: bool = False,
+) -> Expectation | None:
+    """`_expectation` for a threshold rule whose metric the state gives (None: the rule sees nothing to grade,
+    which counts as clear — e.g. not charging). While the pack is out its BMS is silent and so is the rule: that
+    counts as neither, the harder way for each bound."""
+    spec = _spec(m, rule)
+    clear = spec.clear
+    assert clear is not None, rule
+
+    def cleared(s: VehicleState, by: float) -> bool:
+        v = metric(s)
+        return v is None or (v >= clear + by if falling else v <= clear - by)
+
+    return _expectation(
+        rule,
+        spec,
+        states,
+        lambda s: _threshold_level(metric(s), spec, margin, falling) if s.battery_present else 0,
+        lambda s: _threshold_level(metric(s), spec, -margin, falling) if s.battery_present else -1,
+        lambda s: s.battery_present and cleared(s, margin),
+        lambda s: not s.battery_present or cleared(s, -margin),
+        t_end,
+    )
+
+
+def _collect(*found: Expectation | None) -> list[Expectation]:
+    return [e for e in found if e is not None]
+
+
+def _probes(m: VehicleModel, s: VehicleState) -> tuple[float, ...]:
+    """What the BMS reports of the probes (it has the variant's number of them)."""
+    return s.probe_temps_c[: m.variant.temperature_probes] or (s.battery_temp_max_c,)
+
+
+def _charging(s: VehicleState, spec: RuleSpec, margin: float) -> bool:
+    return s.battery_present and s.pack_current_a >= float(spec.params["charge_current_a"]) + margin
+
+
+def _truth_hot_spot(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    states = _Timeline(m, f.start - 5.0, f.end + 1500.0)
+
+    def spread(s: VehicleState) -> float:
+        probes = _probes(m, s)
+        return max(probes) - min(probes)
+
+    expected = _collect(
+        _graded(m, "probe_temperature_difference", states, spread, 0.2, f.end),
+        _graded(m, "battery_over_temperature", states, lambda s: max(_probes(m, s)), 0.2, f.end),
+    )
+    peak = max(hot_spot_excess_c(f, m, m.faults.index(f), s.t) for s in states)
+    return _truth(
+        f, vin, expected, facts={"peak_excess_c": peak, "peak_temp_c": max(s.battery_temp_max_c for s in states)}
+    )
+
+
+def _truth_cold_charging(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "charging_temperature"
+    spec = _spec(m, rule)
+    lo_c, hi_c = float(spec.params["min_temp_c"]), float(spec.params["max_temp_c"])
+    states = _Timeline(m, f.start - 5.0, f.end + 600.0)
+
+    def outside(s: VehicleState, charging_margin: float) -> float | None:
+        if not _charging(s, spec, charging_margin):
+            return None
+        probes = _probes(m, s)
+        return max(max(probes) - hi_c, lo_c - min(probes))
+
+    clear = spec.clear
+    assert clear is not None
+    found = _expectation(
+        rule,
+        spec,
+        states,
+        lambda s: _threshold_level(outside(s, 0.05), spec, 0.2),
+        lambda s: _threshold_level(outside(s, -0.05), spec, -0.2),
+        lambda s: (v := outside(s, -0.05)) is None or v <= clear - 0.2,
+        lambda s: (v := outside(s, 0.05)) is None or v <= clear + 0.2,
+        f.end,
+    )
+    coldest = min(min(_probes(m, s)) for s in states.upto(f.end) if f.start <= s.t)
+    return _truth(f, vin, _collect(found), facts={"coldest_probe_c": coldest})
+
+
+def _truth_overcharge(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    states = _Timeline(m, f.start - 5.0, f.end + 2400.0)
+    spec = _spec(m, "charging_over_voltage")
+
+    def per_cell(s: VehicleState) -> float | None:
+        return s.pack_voltage_v / len(s.cell_voltages_v) if _charging(s, spec, 0.0) and s.cell_voltages_v else None
+
+    def top_cell(s: VehicleState) -> float | None:
+        return max(s.cell_voltages_v) if s.battery_present and s.cell_voltages_v else None
+
+    expected = _collect(
+        _graded(m, "charging_over_voltage", states, per_cell, 0.002, f.end),
+        _graded(m, "cell_over_voltage", states, top_cell, 0.003, f.end),
+    )
+    soc, _ = overcharge_session(f, m, m.faults.index(f), f.end)
+    top = max(v for s in states.upto(f.end + 60.0) if (v := top_cell(s)) is not None)
+    return _truth(f, vin, expected, facts={"soc_at_unplug_pct": soc, "max_cell_v": top})
+
+
+def _truth_over_discharged(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    states = _Timeline(m, f.start - 5.0, f.end + 900.0)
+
+    def low_cell(s: VehicleState) -> float | None:
+        return min(s.cell_voltages_v) if s.battery_present and s.cell_voltages_v else None
+
+    def spread_mv(s: VehicleState) -> float | None:
+        cells = s.cell_voltages_v
+        return (max(cells) - min(cells)) * 1000.0 if s.battery_present and cells else None
+
+    expected = _collect(
+        _graded(m, "cell_under_voltage", states, low_cell, 0.003, f.end, falling=True),
+        _graded(m, "cell_voltage_spread", states, spread_mv, 3.0, f.end),
+    )
+    inside = [v for s in states.upto(f.end) if f.start <= s.t and (v := low_cell(s)) is not None]
+    return _truth(f, vin, expected, facts={"min_cell_v": min(inside)})
+
+
+def _soc_jumps(m: FaultedModel, states: Iterable[VehicleState]) -> list[tuple[float, float]]:
+    """(time, jump %) as the soc_jump rule computes it from what the JBD BMS reports: whole-% SOC, 10 mA current,
+    its nominal capacity."""
+    spec = _spec(m, "soc_jump")
+    factor = float(spec.params["explain_factor"])
+    out: list[tuple[float, float]] = []
+    prev: VehicleState | None = None
+    for s in states:
+        if prev is not None and prev.battery_present and s.battery_present:
+            amps = max(abs(round(s.pack_current_a, 2)), abs(round(prev.pack_current_a, 2)))
+            explained = factor * amps * (s.t - prev.t) / 3600.0 / s.nominal_ah * 100.0
+            out.append((s.t, max(0.0, abs(round(s.soc_pct) - round(prev.soc_pct)) - explained)))
+        prev = s
+    return out
+
+
+def _truth_bms_reset(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "soc_jump"
+    spec = _spec(m, rule)
+    states = _Timeline(m, f.start - 5.0, f.end + spec.clear_duration_s + 60.0)
+    jumps = _soc_jumps(m, states)
+    clear = spec.clear
+    assert clear is not None
+    sure = max((_threshold_level(j, spec, 0.01) for _, j in jumps), default=0)
+    could = max((_threshold_level(j, spec, -0.01) for _, j in jumps), default=0)
+    if sure != could:
+        raise AmbiguousFault(f"{rule}: L{sure} for sure but L{could} possible; reset the BMS at another instant")
+    expected: list[Expectation] = []
+    if sure:
+        raised = min(t for t, j in jumps if _threshold_level(j, spec, 0.01))
+        last = max(t for t, j in jumps if j > clear)
+        if last < f.end - 1.0:
+            raise AmbiguousFault(f"{rule}: the alarm would clear before the BMS recalibrates")
+        expected.append(Expectation(rule, sure, _ms(raised + _SLACK_S), _ms(last + spec.clear_duration_s + _SLACK_S)))
+    estimate, true = bms_reset_estimate(f, m)
+    return _truth(
+        f, vin, expected, facts={"estimate_pct": estimate, "true_pct": true, "max_jump_pct": max(j for _, j in jumps)}
+    )
+
+
+def _truth_overcurrent(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "bms_protection_repeated"
+    spec = _spec(m, rule)
+    window = float(spec.params["window_s"])
+    states = _Timeline(m, f.start - 5.0, f.end + window + 60.0)
+    events: list[float] = []
+    prev = None
+    level, raised = 0, None
+    for s in states:
+        bit = s.bms_protection >> OVERCURRENT_BIT & 1
+        if bit and not prev:
+            events.append(s.t)
+        prev = bit
+        count = sum(1 for e in events if e > s.t - window)
+        now = _threshold_level(float(count), spec, 0.0)
+        if now and raised is None:
+            raised = s.t
+        level = max(level, now)
+    expected: list[Expectation] = []
+    if level and raised is not None:
+        expected.append(Expectation(rule, level, _ms(raised + _SLACK_S), _ms(events[-1] + window + 1.0 + _SLACK_S)))
+    return _truth(f, vin, expected, facts={"trips": len(events), "trips_at_s": [round(e - f.start) for e in events]})
+
+
+def _truth_end_of_life(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "battery_ageing"
+    spec = _spec(m, rule)
+    life = f.num("service_life_years")
+    hold = spec.durations_s[int(spec.params["service_life_level"]) - 1]
+    expired_s = f.end - f.start  # the new pack is registered at the end (the scenario's own granularity added)
+    if hold - 2 * _SLACK_S <= expired_s < hold + _SLACK_S:
+        raise AmbiguousFault(f"{rule}: a pack replaced {expired_s:.0f} s after its end of life is on the threshold")
+    expected: list[Expectation] = []
+    if expired_s >= hold:
+        level = int(spec.params["service_life_level"])
+        by = f.start + hold + _SLACK_S
+        expected.append(Expectation(rule, level, _ms(by), _ms(f.end + spec.clear_duration_s + 2 * _SLACK_S)))
+    born = _ms(f.start) - round(life * MS_PER_YEAR)
+    actions = (
+        Action(_ms(m.start_time), {"battery_manufactured_ms": born, "battery_service_life_years": life}),
+        # The new pack, made a month ago.
+        Action(_ms(f.end), {"battery_manufactured_ms": _ms(f.end - 30 * 86_400.0), "battery_service_life_years": life}),
+    )
+    return _truth(f, vin, expected, actions=actions, facts={"manufactured_ms": born})
+
+
+def _truth_no_cutoff(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "charging_after_full"
+    spec = _spec(m, rule)
+    full = float(spec.params["full_soc_pct"])
+    first = min(th for th in spec.levels if th is not None) * 3600.0
+    states = _Timeline(m, f.start - 5.0, f.end + 120.0)
+
+    def graded(margin: float, slack_s: float) -> tuple[int, float | None, float]:
+        """(level, when first raised, longest run) with the charge current `margin` and the run's length
+        `slack_s` harder (positive) or easier: the rule's "hours charging since full", from the first sample at
+        full on. Stops once no run can reach the first level before the fault ends."""
+        level, raised, since, longest = 0, None, None, 0.0
+        for s in states:
+            if _charging(s, spec, margin) and round(s.soc_pct) >= full:
+                since = s.t if since is None else since
+                longest = max(longest, s.t - since)
+                now = _threshold_level((s.t - since - slack_s) / 3600.0, spec, 0.0)
+                if now and raised is None:
+                    raised = s.t
+                level = max(level, now)
+            else:
+                since = None
+                if f.end - s.t < first - slack_s:
+                    break
+        return level, raised, longest
+
+    level, raised, _ = graded(0.02, 2.0)
+    at_most, _, longest = graded(-0.02, -2.0)
+    if level != at_most:
+        raise AmbiguousFault(f"{rule}: L{level} for sure but L{at_most} possible")
+    expected: list[Expectation] = []
+    if level and raised is not None:
+        stopped = next(s.t for s in states if s.t > f.end and not _charging(s, spec, -0.02))
+        expected.append(Expectation(rule, level, _ms(raised + _SLACK_S), _ms(stopped + _SLACK_S)))
+    return _truth(f, vin, expected, facts={"hours_charging_at_full": longest / 3600.0})
+
+
+def zone_centre(f: Fault, m: FaultedModel) -> tuple[float, float]:
+    """Where the no-charging zone of a `forbidden_charging` fault is drawn: `zone_offset_m` east of the spot."""
+    s = m.state_at(f.start)
+    east = f.num("zone_offset_m") / (6_371_008.8 * math.cos(math.radians(s.lat)))
+    return s.lat, s.lon + math.degrees(east)
+
+
+def _truth_forbidden_charging(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "charging_in_no_charging_zone"
+    spec = _spec(m, rule)
+    lat, lon = zone_centre(f, m)
+    radius = f.num("zone_radius_m")
+    level = int(spec.params["level"])
+    states = _Timeline(m, f.start - 5.0, f.end + 900.0)
+
+    def inside(s: VehicleState, margin: float) -> bool:
+        return haversine_m(lat, lon, s.lat, s.lon) <= radius - margin
+
+    found = _expectation(
+        rule,
+        spec,
+        states,
+        lambda s: level if _charging(s, spec, 0.05) and inside(s, 2.0) else 0,
+        lambda s: level if _charging(s, spec, -0.05) and inside(s, -2.0) else 0,
+        lambda s: not _charging(s, spec, -0.05) or not inside(s, -2.0),
+        lambda s: not _charging(s, spec, 0.05) or not inside(s, 2.0),
+        f.end,
+    )
+    fence = {
+        "name": f"stairwell of {vin}",
+        "kind": spec.params["zone_kind"],
+        "geometry": {"type": "Point", "coordinates": [lon, lat]},
+        "radius_m": radius,
+    }
+    spot = m.state_at(f.start)
+    facts = {"distance_m": haversine_m(lat, lon, spot.lat, spot.lon), "place": spot.charging_place}
+    return _truth(f, vin, _collect(found), actions=(Action(_ms(f.start - 300.0), geofence=fence),), facts=facts)
+
+
+def _truth_pushed_indoors(f: Fault, vin: str, m: FaultedModel) -> GroundTruth:
+    rule = "elevator_entry_suspected"
+    spec = _spec(m, rule)
+    p = spec.params
+    states = _Timeline(m, f.start - 5.0, f.end + 600.0)
+
+    def pushed(s: VehicleState, margin: float) -> int:
+        walking = float(p["walk_min_kmh"]) + margin <= s.speed_kmh <= float(p["walk_max_kmh"]) - margin
+        idle = -s.pack_current_a < float(p["drive_current_a"]) - 0.1
+        return int(p["push_level"]) if not s.gnss_fix and walking and idle else 0
+
+    found = _expectation(
+        rule,
+        spec,
+        states,
+        lambda s: pushed(s, 0.2),
+        lambda s: pushed(s, -0.2),
+        lambda s: s.gnss_fix,  # outdoors the sky model's fixes are good (HDOP ~1, ten satellites and more)
+        lambda s: s.gnss_fix,
+        f.end,
+    )
+    if found is not None:  # the first good fix comes with the first epoch outside; DOPs and counts a sample later
+        found = dataclasses.replace(found, clear_by_ms=found.clear_by_ms + _ms(_SLACK_S) if found.clear_by_ms else None)
+    walked = sum(1 for s in states.upto(f.end) if pushed(s, -0.2))
+    return _truth(f, vin, _collect(found), facts={"pushed_without_sky_s": walked})
+
+
 _TRUTH: dict[str, Callable[[Fault, str, FaultedModel], GroundTruth]] = {
     "thermal_runaway": _truth_runaway,
     "thermal_runaway_precursor": _truth_precursor,
@@ -812,6 +1700,16 @@ _TRUTH: dict[str, Callable[[Fault, str, FaultedModel], GroundTruth]] = {
     "crash": _truth_crash,
     "gnss_jamming": _truth_jamming,
     "offline": _truth_offline,
+    "hot_spot": _truth_hot_spot,
+    "cold_charging": _truth_cold_charging,
+    "overcharge": _truth_overcharge,
+    "over_discharged_pack": _truth_over_discharged,
+    "bms_reset": _truth_bms_reset,
+    "bms_overcurrent": _truth_overcurrent,
+    "pack_end_of_life": _truth_end_of_life,
+    "charger_no_cutoff": _truth_no_cutoff,
+    "forbidden_charging": _truth_forbidden_charging,
+    "pushed_indoors": _truth_pushed_indoors,
 }
 
 
@@ -830,6 +1728,16 @@ _TYPICAL_S: dict[str, float] = {
     "crash": 40.0,
     "gnss_jamming": 200.0,
     "offline": 120.0,
+    "hot_spot": 900.0,
+    "cold_charging": 300.0,
+    "overcharge": 900.0,
+    "over_discharged_pack": 300.0,
+    "bms_reset": 600.0,
+    "bms_overcurrent": 600.0,
+    "pack_end_of_life": 600.0,
+    "charger_no_cutoff": 3720.0,
+    "forbidden_charging": 300.0,
+    "pushed_indoors": 300.0,
 }
 # How long before and after its window a fault's script takes over the vehicle.
 _LEAD_S = 600.0
@@ -841,7 +1749,8 @@ def schedule_faults(
 ) -> dict[int, list[Fault]]:
     """Faults for a fleet of `vehicles` over [start, start + duration_s]: about `share` of the vehicles get one
     fault each, kinds taken in turn, at a random time that leaves room for its lead-in and for its alarm to clear.
-    Deterministic for `seed`. Returns {vehicle index: [faults]}."""
+    Deterministic for `seed`. Returns {vehicle index: [faults]}. Some kinds' ground truth carries `Action`s (a lock,
+    a pack's production date, a no-charging zone) that the consumer must apply for the expected alarms to come."""
     rng = random.Random(f"faults-{seed}")
     picked = sorted(rng.sample(range(vehicles), max(1, round(vehicles * share)) if vehicles else 0))
     out: dict[int, list[Fault]] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import time
 from datetime import UTC, datetime
@@ -21,20 +22,28 @@ from edge_agent.devices import controller as ctl
 from edge_agent.devices import jbd
 from edge_agent.nmea import GnssFix, NmeaDecoder
 from protocol import load_catalogue
+from simulators.battery import LFP, NMC
 from simulators.can_bus import CanVehicleEmulator
 from simulators.faults import (
     FAULT_KINDS,
+    OVERCURRENT_BIT,
     THRESHOLDS,
     AgentView,
+    AmbiguousFault,
     Fault,
     FaultedModel,
+    bms_reset_estimate,
     dump_ground_truth,
+    hot_spot_excess_c,
     load_ground_truth,
+    rule_spec,
     schedule_faults,
+    zone_centre,
 )
 from simulators.gnss import GnssEmulator, no_fix_epoch
 from simulators.nmea import RECEIVERS, SkyModel, encode_epoch
 from simulators.roads import graph_route_for
+from simulators.route import haversine_m
 from simulators.vehicle import VehicleState
 
 T0 = 1_767_578_400.0
@@ -91,6 +100,21 @@ def test_thresholds_are_those_of_the_default_rules_file(model: str, chemistry: s
     assert (mismatch["level"], mismatch["more_cells_level"]) == (2, 3)
     config = rules["controller_config_mismatch"].params
     assert (config["level"], config["raised_limit_level"]) == (2, 3)
+
+
+def test_rule_specs_are_what_the_rule_engine_resolves() -> None:
+    """`rule_spec` reads the default rules file itself; for every rule, model and chemistry (and neither) it gives
+    what the engine resolves from the same file."""
+    rules = load_rules()
+    for model in (None, *rules.models):
+        for chemistry in (None, *rules.chemistries):
+            for rule, resolved in rules.settings_for(model, chemistry).items():
+                spec = rule_spec(rule, model, chemistry)
+                assert spec.levels == resolved.levels, (rule, model, chemistry)
+                assert spec.clear == resolved.clear, (rule, model, chemistry)
+                assert tuple(round(d * 1000) for d in spec.durations_s) == resolved.duration_ms, rule
+                assert round(spec.clear_duration_s * 1000) == resolved.clear_duration_ms, rule
+                assert spec.params == dict(resolved.params), (rule, model, chemistry)
 
 
 def test_faults_are_validated() -> None:
@@ -230,6 +254,142 @@ def test_a_crash_stops_the_vehicle_within_a_second_and_it_rides_on_after() -> No
     assert bike.expected == () and bike.facts["measurable_decel_ms2"] < THRESHOLDS["crash_or_fall"]["decel_ms2"]
 
 
+def test_the_chemistries_open_circuit_voltage_goes_on_past_full_and_empty() -> None:
+    for chem in (NMC, LFP):
+        assert chem.ocv_beyond(50.0) == chem.ocv(50.0)
+        assert chem.ocv_beyond(104.0) > chem.ocv_beyond(102.0) > chem.ocv(100.0)
+        assert chem.ocv_beyond(-3.0) < chem.ocv_beyond(-1.0) < chem.ocv(0.0)
+        assert chem.ocv_beyond(-1000.0) == 0.5  # a dead cell, not a negative voltage
+    assert NMC.ocv_beyond(-3.0) == pytest.approx(3.0)
+    assert NMC.ocv_beyond(100.0 + 0.15 / NMC.overcharge_v_per_pct) == pytest.approx(4.35)
+
+
+def test_a_hot_spot_heats_its_probe_with_the_current_and_cools_once_fixed() -> None:
+    f = _fault("hot_spot", 900)
+    m = _model(f, seed=25)
+    n = m.faults.index(f)
+    # First order in I²R: never hotter than the hottest current could make it, rising while ridden.
+    peak_i = max(abs(m.baseline_at(AT + k).pack_current_a) for k in range(900))
+    limit = peak_i**2 * f.num("r_contact_ohm") * f.num("r_th_k_w")
+    excess = [hot_spot_excess_c(f, m, n, AT + k) for k in range(0, 901, 30)]
+    assert 0.0 == excess[0] < excess[10] < max(excess) < limit
+    s, base = m.state_at(AT + 600), m.baseline_at(AT + 600)
+    e = hot_spot_excess_c(f, m, n, AT + 600)
+    assert s.probe_temps_c[0] == pytest.approx(base.probe_temps_c[0] + e)
+    assert s.probe_temps_c[1] == pytest.approx(base.probe_temps_c[1] + f.num("share") * e)
+    later = hot_spot_excess_c(f, m, n, f.end + f.num("tau_s"))
+    assert later == pytest.approx(hot_spot_excess_c(f, m, n, f.end) / math.e)
+    # The same whatever was asked first: the memory is filled second by second from the start.
+    fresh = _model(f, seed=25)
+    assert hot_spot_excess_c(f, fresh, 0, AT + 600) == e
+
+
+def test_cold_charging_charges_a_pack_as_cold_as_the_air() -> None:
+    f = _fault("cold_charging", 300)
+    m = _model(f, seed=22)
+    s = m.state_at(AT + 100)
+    assert s.activity == "charging" and s.pack_current_a > 0.5
+    assert s.battery_temp_max_c == pytest.approx(s.ambient_c, abs=1.5) and s.battery_temp_max_c < -5.0
+    after = m.state_at(f.end + 30)
+    assert after.activity == "parked" and after.pack_current_a < 0.0
+
+
+def test_overcharge_pushes_the_cells_past_full_and_they_stay_there_until_ridden_down() -> None:
+    f = _fault("overcharge", 600)
+    m = _model(f, seed=43)
+    before, during = m.state_at(AT - 60), m.state_at(AT + 550)
+    assert before.soc_pct == pytest.approx(f.num("soc0"), abs=0.1)
+    assert during.pack_current_a == f.num("charger_a") and during.soc_pct == 100.0
+    assert during.pack_voltage_v <= f.num("charger_v_per_cell") * len(during.cell_voltages_v) + 1e-9
+    assert min(during.cell_voltages_v) > 4.25
+    assert during.pack_voltage_v == pytest.approx(sum(during.cell_voltages_v))
+    rested = m.state_at(f.end + 30)
+    assert rested.pack_current_a < 0.0 and max(rested.cell_voltages_v) > 4.22  # the extra charge is still in
+    assert max(m.state_at(f.end + 1800).cell_voltages_v) < 4.2
+
+
+def test_an_over_discharged_pack_sits_below_empty_while_it_is_in() -> None:
+    f = _fault("over_discharged_pack", 300)
+    m = _model(f, seed=48)
+    inside = m.state_at(AT + 150)
+    assert inside.battery_barcode != m.packs[0].barcode and inside.soc_pct == 0.0
+    assert max(inside.cell_voltages_v) < NMC.ocv_beyond(-f.num("depth_pct") + 1.5)
+    assert not m.state_at(AT).battery_present and not m.state_at(f.end).battery_present  # mid-swap
+    back = m.state_at(f.end + 60)
+    assert back.battery_barcode == m.packs[0].barcode and min(back.cell_voltages_v) > 3.5
+    # Ridden up to the swap and off from the one back: neither pack rests long in the other's place.
+    assert any(abs(m.state_at(f.start - k).pack_current_a) > 1.0 for k in range(60, 300))
+    assert any(abs(m.state_at(f.end + k).pack_current_a) > 1.0 for k in range(60, 100))
+
+
+def test_a_bms_reset_under_load_reads_the_soc_low_until_it_recalibrates() -> None:
+    f = _fault("bms_reset", 600)
+    m = _model(f, seed=24)
+    estimate, true = bms_reset_estimate(f, m)
+    assert m.baseline_at(AT).pack_current_a < -3.0 and estimate < true - 5.0  # riding: the voltage sags
+    for dt in (0.0, 60.0, 400.0):
+        s, base = m.state_at(AT + dt), m.baseline_at(AT + dt)
+        assert s.soc_pct == pytest.approx(estimate + base.soc_pct - true)
+    assert m.state_at(f.end) == m.baseline_at(f.end)
+
+
+def test_an_undersized_bms_trips_on_hard_accelerations_only_during_the_fault() -> None:
+    f = _fault("bms_overcurrent", 600, ocp_a=15.0)
+    m = _model(f, seed=40)
+    for k in range(-30, 900):
+        s = m.state_at(AT + k)
+        tripped = bool(s.bms_protection >> OVERCURRENT_BIT & 1)
+        assert tripped == (0 <= k <= 600 and -s.pack_current_a >= 15.0), k
+
+
+def test_a_charger_without_cut_off_keeps_a_trickle_into_the_full_pack() -> None:
+    f = Fault("charger_no_cutoff", T0 + 150, T0 + 3810, {})
+    m = _model(f, seed=32)
+    for dt in (30.0, 1000.0, 3600.0):
+        s, base = m.state_at(f.start + dt), m.baseline_at(f.start + dt)
+        assert s.pack_current_a >= f.num("trickle_a") and round(s.soc_pct) >= 99
+        assert s.pack_voltage_v >= base.pack_voltage_v
+    assert m.baseline_at(f.start + 1000).pack_current_a < 0.0  # a sound charger would have stopped long ago
+    assert m.state_at(f.end + 30).pack_current_a < 0.0
+
+
+def test_forbidden_charging_stands_where_the_zone_is_drawn() -> None:
+    f = _fault("forbidden_charging", 300)
+    m = _model(f, seed=34)
+    (truth,) = m.ground_truth("V")
+    (action,) = truth.actions
+    assert action.geofence is not None and action.geofence["kind"] == "no_charging"
+    lat, lon = zone_centre(f, m)
+    assert action.geofence["geometry"]["coordinates"] == [lon, lat]
+    for k in range(0, 300, 30):
+        s = m.state_at(AT + k)
+        assert s.charging_place == "forbidden" and s.pack_current_a > 0.5
+        assert haversine_m(lat, lon, s.lat, s.lon) < 1.0
+    g = _fault("forbidden_charging", 300, zone_offset_m=35.0)
+    assert haversine_m(*zone_centre(g, _model(g, seed=34)), lat, lon) == pytest.approx(35.0, rel=1e-3)
+
+
+def test_pushed_indoors_walks_without_sky_and_without_drive() -> None:
+    f = _fault("pushed_indoors", 300)
+    m = _model(f, seed=37)
+    view = AgentView(m)
+    pushed = [m.state_at(AT + k) for k in range(5, 40)]
+    assert all(not s.gnss_fix and 3.0 < s.speed_kmh <= 4.0 for s in pushed)
+    status = view.controller.status(pushed[10], pushed[9])
+    assert status.supply_current_a < 1.0 and status.throttle_pct == 0
+    assert m.state_at(AT + 60).speed_kmh == 0.0  # in the lift
+    assert m.state_at(f.end + 5).gnss_fix
+
+
+def test_a_fault_on_its_threshold_refuses_to_guess() -> None:
+    # A BMS reset whose jump is exactly the rule's L1 (5 %) and a pack replaced just at the rule's duration.
+    with pytest.raises(AmbiguousFault, match="soc_jump"):
+        _model(Fault("bms_reset", AT + 33, AT + 633, {}), seed=24).ground_truth("V")
+    hold = rule_spec("battery_ageing").durations_s[1]
+    with pytest.raises(AmbiguousFault, match="battery_ageing"):
+        _model(_fault("pack_end_of_life", hold)).ground_truth("V")
+
+
 # -- ground truth -----------------------------------------------------------------------------------------------
 
 
@@ -247,6 +407,39 @@ POSITIVE = {
 }
 
 
+# The later kinds grade their rules on the model: (duration, seed, params, {rule: level}) of a positive case.
+GRADED = {
+    "hot_spot": (600, 53, {}, {"probe_temperature_difference": 2, "battery_over_temperature": 1}),
+    "cold_charging": (300, 22, {}, {"charging_temperature": 2}),
+    "overcharge": (600, 43, {}, {"charging_over_voltage": 2, "cell_over_voltage": 2}),
+    "over_discharged_pack": (300, 48, {}, {"cell_under_voltage": 2}),
+    "bms_reset": (300, 24, {}, {"soc_jump": 1}),
+    "bms_overcurrent": (600, 40, {"ocp_a": 15.0}, {"bms_protection_repeated": 2}),
+    "pack_end_of_life": (420, 30, {}, {"battery_ageing": 2}),
+    "forbidden_charging": (300, 34, {}, {"charging_in_no_charging_zone": 2}),
+    "pushed_indoors": (300, 37, {}, {"elevator_entry_suspected": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRADED))
+def test_a_graded_fault_expects_its_rules_in_time_and_cleared_after(kind: str) -> None:
+    duration, seed, params, levels = GRADED[kind]
+    (truth,) = _model(_fault(kind, duration, **params), seed=seed).ground_truth("LZHTEST0000000001")
+    assert {e.rule: e.level for e in truth.expected} == levels
+    for exp in truth.expected:
+        assert truth.start_ms < exp.by_ms < truth.end_ms + 120_000, exp
+        assert exp.clear_by_ms is not None and exp.clear_by_ms > truth.end_ms, exp
+
+
+def test_a_charger_without_cut_off_expects_the_alarm_an_hour_after_full() -> None:
+    f = Fault("charger_no_cutoff", T0 + 150, T0 + 3810, {})
+    (truth,) = _model(f, seed=32).ground_truth("V")
+    (exp,) = truth.expected
+    assert (exp.rule, exp.level) == ("charging_after_full", 1)
+    assert f.start + 3600 < exp.by_ms / 1000 < f.start + 3600 + 60
+    assert exp.clear_by_ms is not None and f.end < exp.clear_by_ms / 1000 < f.end + 60
+
+
 @pytest.mark.parametrize("kind", sorted(POSITIVE))
 def test_a_fault_expects_its_rule_at_its_level_in_time(kind: str) -> None:
     duration, rule, level, variant = POSITIVE[kind]
@@ -262,21 +455,34 @@ def test_a_fault_expects_its_rule_at_its_level_in_time(kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "duration", "params"),
+    ("kind", "duration", "params", "seed", "offset"),
     [
-        ("thermal_runaway_precursor", 300, {"rate_c_per_min": 1.5}),
-        ("cell_imbalance", 240, {"delta_mv": 110.0}),
-        ("internal_short", 600, {"fall_mv": 10.0, "rate_mv_per_min": 2.0}),
-        ("speed_limiter_tampering", 300, {"limit_kmh": 26.5, "reconfigure": False}),
-        ("unbound_battery_swap", 300, {"bound": True}),
-        ("theft", 60, {"mode": "nudged"}),
-        ("gnss_jamming", 60, {}),
-        ("offline", 10, {}),
-        ("thermal_runaway", 60, {"rate_c_per_s": 0.5, "collapse": False}),
+        ("thermal_runaway_precursor", 300, {"rate_c_per_min": 1.5}, 1, 0.0),
+        ("cell_imbalance", 240, {"delta_mv": 110.0}, 1, 0.0),
+        ("internal_short", 600, {"fall_mv": 10.0, "rate_mv_per_min": 2.0}, 1, 0.0),
+        ("speed_limiter_tampering", 300, {"limit_kmh": 26.5, "reconfigure": False}, 1, 0.0),
+        ("unbound_battery_swap", 300, {"bound": True}, 1, 0.0),
+        ("theft", 60, {"mode": "nudged"}, 1, 0.0),
+        ("gnss_jamming", 60, {}, 1, 0.0),
+        ("offline", 10, {}, 1, 0.0),
+        ("thermal_runaway", 60, {"rate_c_per_s": 0.5, "collapse": False}, 1, 0.0),
+        ("hot_spot", 600, {"r_contact_ohm": 0.04}, 53, 0.0),
+        ("cold_charging", 300, {"ambient_c": -0.5}, 26, 0.0),
+        ("overcharge", 600, {"charger_v_per_cell": 4.22}, 47, 0.0),
+        ("over_discharged_pack", 300, {"depth_pct": 2.0}, 49, 0.0),
+        ("bms_reset", 300, {}, 24, 15.0),
+        ("bms_overcurrent", 600, {"ocp_a": 24.0}, 46, 0.0),
+        ("pack_end_of_life", 180, {}, 31, 0.0),
+        ("forbidden_charging", 300, {"zone_offset_m": 35.0}, 35, 0.0),
+        ("pushed_indoors", 300, {"push_s": 12.0, "floors": 0}, 38, 0.0),
+        ("wheel_size_tampering", 360, {"configured_inch": 16.2}, 39, 0.0),
+        ("charger_no_cutoff", 600, {"trickle_a": 0.15}, 33, -450.0),
     ],
 )
-def test_a_near_miss_expects_nothing(kind: str, duration: float, params: dict[str, object]) -> None:
-    (truth,) = _model(_fault(kind, duration, **params)).ground_truth("V")
+def test_a_near_miss_expects_nothing(
+    kind: str, duration: float, params: dict[str, object], seed: int, offset: float
+) -> None:
+    (truth,) = _model(Fault(kind, AT + offset, AT + offset + duration, params), seed=seed).ground_truth("V")
     assert truth.expected == ()
 
 
@@ -289,9 +495,9 @@ def test_ground_truth_round_trips_through_json() -> None:
 
 
 def test_a_fleet_schedule_is_deterministic_and_leaves_room_to_raise_and_clear() -> None:
-    plan = schedule_faults(200, T0, 7200.0, seed=3)
-    assert plan == schedule_faults(200, T0, 7200.0, seed=3) != schedule_faults(200, T0, 7200.0, seed=4)
-    assert len(plan) == 20
+    plan = schedule_faults(300, T0, 7200.0, seed=3)
+    assert plan == schedule_faults(300, T0, 7200.0, seed=3) != schedule_faults(300, T0, 7200.0, seed=4)
+    assert len(plan) == 30
     kinds = [faults[0].kind for _, faults in sorted(plan.items())]
     assert set(kinds) == set(FAULT_KINDS)
     for faults in plan.values():
