@@ -7,15 +7,16 @@ messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores th
 
 Backpressure is TCP's, not the broker's: we announce the MQTT 5 Receive Maximum, but Mosquitto 2.0 does not keep
 to it once acknowledgements flow (a subscriber announcing 50 was measured holding thousands unacknowledged), so
-the bridge trusts no broker's flow control.  When the queue reaches its high-water mark (`receive_maximum`) the
-bridge stops reading the socket (PahoOnAsyncio.pause_reading: the kernel buffer fills, the TCP window closes, the
-broker keeps the rest in our session); when the worker has drained it to the low-water mark (half of that) reading
-resumes.  No message is ever dropped, so the queue has no maxsize and takes whatever the paho read that crossed
-the mark had already decoded.  paho 2 (2.2.0 here) reads at most max(1, len(_out_messages) + len(_in_messages))
-packets per loop_read call: our unacknowledged outgoing QoS 1 messages plus incoming QoS 2 messages awaiting
-PUBREL.  We subscribe at QoS 1 (no incoming QoS 2) and publish only commands, at most the command publisher's
-`max_inflight` at a time, so the depth never exceeds `queue_bound` = receive_maximum + max(1, max_inflight) - 1,
-exactly receive_maximum without a control plane (max_inflight then counts as 0).  Pauses are counted
+the bridge trusts no broker's flow control.  When the queue reaches its high-water mark (`receive_maximum` unless
+`queue_high_water` says otherwise) the bridge stops reading the socket (PahoOnAsyncio.pause_reading: the kernel
+buffer fills, the TCP window closes, the broker keeps the rest in our session); when the worker has drained it to
+the low-water mark (half of that) reading resumes.  No message is ever dropped, so the queue has no maxsize and
+takes whatever the paho read that crossed the mark had already decoded.  paho 2 (2.2.0 here) reads at most
+max(1, len(_out_messages) + len(_in_messages)) packets per loop_read call: our unacknowledged outgoing QoS 1
+messages plus incoming QoS 2 messages awaiting PUBREL.  We subscribe at QoS 1 (no incoming QoS 2) and publish only
+commands, at most the command publisher's `max_inflight` at a time, so the depth never exceeds `queue_bound` =
+high-water mark + max(1, max_inflight) - 1, exactly the high-water mark without a control plane (max_inflight then
+counts as 0).  Pauses are counted
 (zhilian_bridge_read_pauses_total, BridgeStats.read_pauses); the depth is a gauge and its maximum is kept
 (BridgeStats.max_queue_depth).
 
@@ -112,6 +113,7 @@ class MqttBridge:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         control: ControlPlane | None = None,
+        queue_high_water: int | None = None,
     ) -> None:
         # Built once (a bad TLS file fails construction with TlsConfigError); the certificate's CN, normally
         # "zhilian-bridge", is the identity the broker's ACL grants read on every vehicle's uplink.
@@ -128,8 +130,12 @@ class MqttBridge:
         if not 1 <= receive_maximum <= 65535:
             raise ValueError(f"receive_maximum must be 1..65535 (an MQTT 5 Receive Maximum), not {receive_maximum}")
         self.stats = BridgeStats()
-        self.high_water = receive_maximum
-        self.low_water = receive_maximum // 2
+        # Reading pauses at `high_water` queued messages (default: the Receive Maximum, so a broker that keeps to it
+        # never causes a pause) and resumes at half of it.
+        self.high_water = receive_maximum if queue_high_water is None else queue_high_water
+        if self.high_water < 1:
+            raise ValueError(f"queue_high_water must be positive, not {queue_high_water}")
+        self.low_water = self.high_water // 2
         # No maxsize: a full asyncio.Queue could only refuse a message paho has already decoded.  Pausing the socket
         # at `high_water` bounds it to `queue_bound` (module docstring).
         self._queue: asyncio.Queue[_Inbound] = asyncio.Queue()
