@@ -7,7 +7,6 @@ blocks on SQLite or the network.
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,11 +27,11 @@ from cloud_ingest.errors import DeviceConflict, InvalidDeviceError, QueryError, 
 from cloud_ingest.geofences import GeofenceService
 from cloud_ingest.lifecycle import LifecycleService
 from cloud_ingest.pipeline import IngestPipeline
-from cloud_ingest.registry import PUBLIC_KEY_LEN, Registry, VehicleSummary
+from cloud_ingest.registry import Registry, VehicleSummary
 from cloud_ingest.routes_alarms import alarms_router
 from cloud_ingest.routes_commands import commands_router
 from cloud_ingest.routes_geofences import geofences_router
-from cloud_ingest.routes_keys import keys_router
+from cloud_ingest.routes_keys import check_public_key_b64, keys_router
 from cloud_ingest.routes_lifecycle import lifecycle_router
 from cloud_ingest.routes_queries import queries_router
 from cloud_ingest.tsstore import MAX_QUERY_LIMIT, TimeSeriesStore
@@ -68,15 +67,7 @@ class DeviceIn(BaseModel):
     @field_validator("public_key")
     @classmethod
     def _key(cls, v: str) -> str:
-        if len(v) > 128:
-            raise ValueError("public_key is too long")
-        try:
-            raw = base64.b64decode(v, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("public_key is not valid base64") from None
-        if len(raw) != PUBLIC_KEY_LEN:
-            raise ValueError(f"public_key must decode to {PUBLIC_KEY_LEN} bytes")
-        return v
+        return check_public_key_b64(v)
 
 
 class DeviceOut(BaseModel):

@@ -26,21 +26,26 @@ VinPath = Annotated[str, Path(description="vehicle identification number")]
 KeyIdPath = Annotated[str, Path(pattern=r"^[0-9a-fA-F]{16}$", description="hex of the 8-byte key id")]
 
 
+def check_public_key_b64(v: str) -> str:
+    """A device public key as the API takes it: base64 of the raw 32-byte Ed25519 key (ValueError otherwise)."""
+    if len(v) > 128:
+        raise ValueError("public_key is too long")
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("public_key is not valid base64") from None
+    if len(raw) != PUBLIC_KEY_LEN:
+        raise ValueError(f"public_key must decode to {PUBLIC_KEY_LEN} bytes")
+    return v
+
+
 class KeyIn(BaseModel):
     public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
 
     @field_validator("public_key")
     @classmethod
     def _key(cls, v: str) -> str:
-        if len(v) > 128:
-            raise ValueError("public_key is too long")
-        try:
-            raw = base64.b64decode(v, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("public_key is not valid base64") from None
-        if len(raw) != PUBLIC_KEY_LEN:
-            raise ValueError(f"public_key must decode to {PUBLIC_KEY_LEN} bytes")
-        return v
+        return check_public_key_b64(v)
 
 
 class KeyOut(BaseModel):
