@@ -23,26 +23,22 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from tests.prerequisites import missing
 from zhilian.broker import free_port
 
 PG_ADMIN = os.environ.get("ZHILIAN_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 CONNECT_TIMEOUT_S = 5
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require_or_skip(problem: str) -> None:
+def require_or_skip(problem: str) -> NoReturn:
     """A missing PostgreSQL prerequisite: a failure in CI, a skip (with the reason) on a developer machine."""
-    if in_ci():
-        pytest.fail(f"PostgreSQL tests must run in CI: {problem}")
-    pytest.skip(problem)
+    missing("PostgreSQL", problem)
 
 
 def _admin() -> psycopg.Connection[tuple[object, ...]]:
@@ -97,7 +93,6 @@ def postgres_admin() -> Iterator[str]:
         cluster = PrivatePostgres().start()
     except (FileNotFoundError, RuntimeError) as exc:
         require_or_skip(f"{problem}; and no private cluster either: {exc}")
-        raise  # unreachable: require_or_skip raises
     try:
         yield cluster.admin_conninfo
     finally:
@@ -206,7 +201,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         cluster = PrivatePostgres()
     except (FileNotFoundError, RuntimeError) as exc:
         require_or_skip(f"cannot create a private PostgreSQL cluster: {exc}")
-        raise  # unreachable: require_or_skip raises
     try:
         yield cluster.start()
     finally:
