@@ -34,7 +34,6 @@ TELEMETRY batch exactly once, inside the ledger's transaction:
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter as TallyCounter
@@ -51,7 +50,6 @@ from cloud_ingest.ledger import Identity, Ledger, LedgerEntry
 from cloud_ingest.registry import KeyLookup, Registry
 from cloud_ingest.tsstore import TimeSeriesStore
 from protocol import MAX_ENVELOPE_BYTES, Batch, Catalogue, Kind, SignedEnvelope, decode_batch, parse_envelope
-from protocol.catalogue import Signal, SignalType, Value
 from protocol.errors import DecodeError, SignatureError
 
 log = logging.getLogger(__name__)
@@ -165,7 +163,6 @@ class IngestPipeline:
         self._outcomes: TallyCounter[str] = TallyCounter()
         self._rejected: TallyCounter[str] = TallyCounter()
         self._invalid: TallyCounter[str] = TallyCounter()
-        self._range_checks: dict[str, tuple[Signal, bool, tuple[type, ...], float, float]] = {}
         self._samples = 0
         self._alerts = 0
 
@@ -283,7 +280,7 @@ class IngestPipeline:
     def _drop_invalid(self, vin: str, batch: Batch) -> None:
         """Out-of-range values become None (counted and logged); the rest of the batch is kept."""
         for name, values in batch.columns.items():
-            bad = self._invalid_indices(name, values)
+            bad = self.catalogue.by_name(name).invalid_indices(values)
             if not bad:
                 continue
             for i in bad:
@@ -292,26 +289,6 @@ class IngestPipeline:
             with self._lock:
                 self._invalid[name] += len(bad)
             log.warning("invalid values dropped", extra={"vin": vin, "signal": name, "count": len(bad)})
-
-    def _invalid_indices(self, name: str, values: list[Value | None]) -> list[int]:
-        """Indices of the values `Signal.in_range` refuses; numeric signals with a finite range take a fast path
-        (one comparison chain per value; NaN fails it, infinities fall outside the range)."""
-        check = self._range_checks.get(name)
-        if check is None:
-            sig = self.catalogue.by_name(name)
-            lo, hi = sig.min, sig.max
-            numeric = sig.type in (SignalType.FLOAT, SignalType.INT)
-            bounded = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
-            types: tuple[type, ...] = (int,) if sig.type is SignalType.INT else (int, float)
-            check = self._range_checks[name] = (sig, numeric and bounded, types, lo or 0.0, hi or 0.0)
-        sig, fast, types, lo, hi = check
-        if fast:
-            return [
-                i
-                for i, v in enumerate(values)
-                if v is not None and not (type(v) in types and lo <= v <= hi)  # type: ignore[operator]
-            ]
-        return [i for i, v in enumerate(values) if v is not None and not sig.in_range(v)]
 
     def _store(self, accepted: list[_Accepted], results: list[IngestResult | None]) -> None:
         # Order matters: time series first, ledger second. A crash in between leaves the rows stored but the

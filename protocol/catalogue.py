@@ -10,7 +10,7 @@ import enum
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -72,6 +72,25 @@ class Signal:
         if self.min is not None and value < self.min:
             return False
         return not (self.max is not None and value > self.max)
+
+    def invalid_indices(self, values: Sequence[Value | None]) -> list[int]:
+        """Indices of the values `in_range` refuses (None is no value, not an invalid one). A numeric signal with a
+        finite range takes one comparison chain per value: NaN fails it, infinities fall outside the range."""
+        lo, hi = self.min, self.max
+        if (
+            self.type in (SignalType.FLOAT, SignalType.INT)
+            and lo is not None
+            and hi is not None
+            and math.isfinite(lo)
+            and math.isfinite(hi)
+        ):
+            types: tuple[type, ...] = (int,) if self.type is SignalType.INT else (int, float)
+            return [
+                i
+                for i, v in enumerate(values)
+                if v is not None and not (type(v) in types and lo <= v <= hi)  # type: ignore[operator]
+            ]
+        return [i for i, v in enumerate(values) if v is not None and not self.in_range(v)]
 
 
 class Catalogue:

@@ -336,23 +336,6 @@ def test_concurrent_workers_on_shared_databases_store_each_message_once(env: Env
     assert len(env.store.query(VIN, 0, 2**62, None, 1000)) == 40
 
 
-_ANY_VALUE = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**40), max_value=2**40),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=3),
-)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from([s.name for s in CAT]), values=st.lists(_ANY_VALUE, max_size=12))
-def test_the_range_fast_path_refuses_exactly_what_in_range_refuses(env: Env, name: str, values: list[object]) -> None:
-    sig = CAT.by_name(name)
-    expected = [i for i, v in enumerate(values) if v is not None and not sig.in_range(v)]  # type: ignore[arg-type]
-    assert env.pipeline._invalid_indices(name, values) == expected  # type: ignore[arg-type]
-
-
 class _Recorder:
     """An observer that fails on one vehicle: the others' observations must survive it (and commit)."""
 

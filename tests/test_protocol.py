@@ -284,3 +284,20 @@ def test_key_file_is_private_and_round_trips(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(KeyFileError, match="chmod 600"):
         DeviceKey.load(path)
+
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from([s.name for s in CAT]), values=st.lists(_ANY_VALUE, max_size=12))
+def test_the_range_fast_path_refuses_exactly_what_in_range_refuses(name: str, values: list[object]) -> None:
+    sig = CAT.by_name(name)
+    expected = [i for i, v in enumerate(values) if v is not None and not sig.in_range(v)]  # type: ignore[arg-type]
+    assert sig.invalid_indices(values) == expected  # type: ignore[arg-type]
