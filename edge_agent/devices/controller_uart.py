@@ -114,7 +114,8 @@ class ControllerSource(SerialDeviceSource):
             answered = await self._request_config()
             wait = self.config_poll_s if answered else min(self.config_poll_s, CONFIG_RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                async with asyncio.timeout(wait):  # not wait_for: see _request_config
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _request_config(self) -> bool:
@@ -131,7 +132,10 @@ class ControllerSource(SerialDeviceSource):
             if not self.link.write(encode_config_request()) and self.link.connected:
                 self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
             try:
-                await asyncio.wait_for(future, timeout=self.timeout_s)
+                # asyncio.timeout, not wait_for: CPython 3.11's wait_for loses a cancellation that arrives as the
+                # answer does, and stop() then waits out its timeout on a task that polls on.
+                async with asyncio.timeout(self.timeout_s):
+                    await future
             except TimeoutError:
                 self._counts["config_timeouts"] += 1
                 return False

@@ -181,7 +181,10 @@ class JbdBmsSource(SerialDeviceSource):
                 if not self.link.write(request) and self.link.connected:
                     self._counts["write_blocked"] += 1  # output queue full: treat like a lost request
                 try:
-                    frame = await asyncio.wait_for(future, timeout=self.timeout_s)
+                    # asyncio.timeout, not wait_for: CPython 3.11's wait_for loses a cancellation that arrives
+                    # as the answer does, and stop() then waits out its timeout on a task that polls on.
+                    async with asyncio.timeout(self.timeout_s):
+                        frame = await future
                 except TimeoutError:
                     self._counts["timeouts"] += 1
                     continue
