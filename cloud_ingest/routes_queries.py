@@ -4,13 +4,12 @@ long-term rollups. Each is one query to the time-series store, whatever the flee
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from pydantic import BaseModel, Field
 
@@ -26,6 +25,7 @@ from cloud_ingest.tsstore import (
     PACK_TEMP_MAX,
     PACK_VOLTAGE,
     BBox,
+    FleetEntry,
     TimeSeriesStore,
 )
 from protocol import Catalogue
@@ -33,7 +33,6 @@ from protocol.topics import VIN_RE
 
 _UNPROCESSABLE = 422
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_YEAR_10000_MS = 253_402_300_800_000
 JsonValue = float | int | bool | str
 VinPath = Annotated[str, Path(description="vehicle identification number")]
 # A query string carries a few hundred VINs at most; larger sets belong in the registry's pages (/v1/vehicles).
@@ -125,14 +124,24 @@ def _dt(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def _iso(ms: int) -> str:
-    """As pydantic writes a UTC datetime (ISO-8601, `Z`, microseconds only when there are any), at a fifth of the
-    cost of a datetime: the snapshot formats two per vehicle."""
-    if not 0 <= ms < _YEAR_10000_MS:
-        return _dt(ms).isoformat().replace("+00:00", "Z")
-    secs, frac = divmod(ms, 1000)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    return f"{text}.{frac:03d}000Z" if frac else text + "Z"
+def snapshot_json(names: list[str], entries: list[FleetEntry]) -> bytes:
+    """The snapshot answer, the same JSON as SnapshotOut's, serialised by hand: validating 10,000 models would cost
+    more than the query itself. Values are positional (names once, in `signals`): keyed by name, the names made up
+    two thirds of a 10,000-vehicle answer (4 MB instead of 1.4 MB). orjson writes it and its datetimes (as pydantic
+    does, with OPT_UTC_Z) in ≈ 6 ms where `json.dumps` of ISO strings took ≈ 110 ms (BENCHMARKS.md)."""
+    td, epoch = timedelta, _EPOCH
+    vehicles = [
+        {
+            "vin": e.vin,
+            "ts": epoch + td(milliseconds=e.ts),
+            "values": [e.values.get(n) for n in names],
+            "position": None
+            if e.position is None
+            else {"lat": e.position[1], "lon": e.position[2], "ts": epoch + td(milliseconds=e.position[0])},
+        }
+        for e in entries
+    ]
+    return orjson.dumps({"count": len(vehicles), "signals": names, "vehicles": vehicles}, option=orjson.OPT_UTC_Z)
 
 
 def _names(raw: str | None, catalogue: Catalogue, default: list[str]) -> list[str]:
@@ -212,22 +221,7 @@ def queries_router(
             )
         except QueryError as exc:
             raise HTTPException(_UNPROCESSABLE, str(exc)) from None
-        # Serialised by hand (the same JSON as SnapshotOut's): validating 10,000 models would cost more than the
-        # query itself. Values are positional (names once, in `signals`): keyed by name, the names made up two
-        # thirds of a 10,000-vehicle answer (4 MB instead of 1.4 MB) and of the time to encode it (BENCHMARKS.md).
-        vehicles = [
-            {
-                "vin": e.vin,
-                "ts": _iso(e.ts),
-                "values": [e.values.get(n) for n in names],
-                "position": None
-                if e.position is None
-                else {"lat": e.position[1], "lon": e.position[2], "ts": _iso(e.position[0])},
-            }
-            for e in entries
-        ]
-        body = {"count": len(vehicles), "signals": names, "vehicles": vehicles}
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        return Response(snapshot_json(names, entries), media_type="application/json")
 
     @router.get("/v1/vehicles/{vin}/track", response_model=TrackOut, tags=["vehicles"])
     def track(

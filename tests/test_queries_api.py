@@ -3,9 +3,10 @@ rollups, and the vehicle list's positions coming from one snapshot query; hostil
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from cloud_ingest.db import Role
 from cloud_ingest.retention import RetentionConfig
@@ -256,9 +258,37 @@ def test_rollup_never_5xx(
     assert _ok(r.status_code), r.text
 
 
-@settings(max_examples=300, deadline=None)
-@given(ms=st.integers(-(2**40), 253_402_300_799_999))
-def test_the_snapshots_hand_made_times_are_what_pydantic_writes(ms: int) -> None:
-    from cloud_ingest.routes_queries import PositionOut, _dt, _iso
+_MS = st.integers(-(2**40), 253_402_300_799_999)
+_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False), st.text()
+)
 
-    assert _iso(ms) == PositionOut(lat=0.0, lon=0.0, ts=_dt(ms)).model_dump(mode="json")["ts"]
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.text(min_size=1), max_size=4, unique=True),
+    rows=st.lists(
+        st.tuples(
+            st.text(min_size=1),
+            _MS,
+            st.lists(_VALUE, min_size=4, max_size=4),
+            st.none() | st.tuples(_MS, st.floats(-90, 90), st.floats(-180, 180)),
+        ),
+        max_size=5,
+    ),
+)
+def test_the_hand_made_snapshot_is_the_json_pydantic_writes(names: list[str], rows: list[Any]) -> None:
+    from cloud_ingest.routes_queries import snapshot_json
+    from cloud_ingest.tsstore import FleetEntry
+
+    entries = [
+        FleetEntry(vin, ts, {n: v for n, v in zip(names, values, strict=False) if v is not None}, pos)
+        for vin, ts, values, pos in rows
+    ]
+    body = snapshot_json(names, entries)
+    assert json.loads(body) == json.loads(SnapshotOut.model_validate_json(body).model_dump_json())
+    # Times byte for byte as pydantic writes them (`Z`, microseconds only when there are any).
+    for e, v in zip(entries, json.loads(body)["vehicles"], strict=True):
+        assert v["ts"] == json.loads(
+            TypeAdapter(datetime).dump_json(datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=e.ts))
+        )
