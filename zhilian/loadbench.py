@@ -956,12 +956,15 @@ class LoadBench:
         onset: list[int] = []
         sightings: dict[tuple[str, int], tuple[float, int]] = {}  # (vin, alarm id) → (first seen, opened_ms)
         rule_of: dict[tuple[str, int], str] = {}
+        created: dict[tuple[str, int], int] = {}  # the service clock when the alarm's row was inserted
+        poll_s: list[float] = []  # how long each GET /v1/alarms took to answer
         stop = threading.Event()
         errors = [0]
 
         def poll() -> None:
             with httpx.Client(base_url=ingest.api, headers=headers, timeout=5.0) as client:
                 while not stop.wait(0.05):
+                    asked = time.perf_counter()
                     try:
                         r = client.get("/v1/alarms", params={"from_ms": since_ms, "limit": 500})
                         r.raise_for_status()
@@ -969,11 +972,13 @@ class LoadBench:
                         errors[0] += 1
                         continue
                     now = time.time()
+                    poll_s.append(time.perf_counter() - asked)
                     for alarm in r.json():
                         key = (alarm.get("vin"), int(alarm.get("id", 0)))
                         if key[0] in probe_vins and key not in sightings:
                             sightings[key] = (now, int(alarm["opened_ms"]))
                             rule_of[key] = str(alarm.get("rule"))
+                            created[key] = int(alarm.get("created_ms", 0))
 
         poller = threading.Thread(target=poll, name="alarm-probe", daemon=True)
         poller.start()
@@ -995,19 +1000,23 @@ class LoadBench:
         finally:
             stop.set()
             poller.join(timeout=10)
-        first: dict[str, tuple[float, int]] = {}
+        first: dict[str, tuple[float, int, int]] = {}
         for (vin, _id), (seen, opened_ms) in sorted(sightings.items(), key=lambda kv: kv[1][1]):
             # The probe's own alarms: a battery-temperature rule, raised at or after the injected onset (rides and
             # sparse reporting raise others: offline, speed limiter, ...).
             if onset and opened_ms >= onset[0] and vin not in first and rule_of.get((vin, _id)) in ALARM_RULES:
-                first[vin] = (seen, opened_ms)
+                first[vin] = (seen, opened_ms, created[(vin, _id)])
         # The rule raises the alarm when the message carrying the sample at `opened_ms` arrives: the vehicle's first
         # message whose newest sample (its send time) is not older than that sample. Latency counts from its sending.
-        latencies = []
-        for vin, (seen, opened_ms) in first.items():
+        # Split at the alarm row's insertion (the ingest's clock, the same machine's): before it the broker, the
+        # bridge's queue and the ingest call up to the rule; after it the rest of that call, its commit and the poll.
+        latencies, to_insert, after_insert = [], [], []
+        for vin, (seen, opened_ms, created_ms) in first.items():
             carrier = min((ms for ms in sends.get(vin, []) if ms >= opened_ms), default=None)
             if carrier is not None:
                 latencies.append(seen - carrier / 1000)
+                to_insert.append((created_ms - carrier) / 1000)
+                after_insert.append(seen - created_ms / 1000)
         rules = sorted(set(rule_of.values()))
         return {
             "measured": bool(latencies),
@@ -1019,6 +1028,9 @@ class LoadBench:
             "rules": rules,
             "onset_ms": onset[0] if onset else None,
             "latency_ms": percentiles_ms(latencies),
+            "send_to_insert_ms": percentiles_ms(to_insert),
+            "insert_to_seen_ms": percentiles_ms(after_insert),
+            "poll_answer_ms": percentiles_ms(poll_s),
             "poll_errors": errors[0],
             "step": step,
         }
@@ -1408,6 +1420,21 @@ def markdown_report(results: dict[str, Any], plot: Path | None) -> str:
         lines += [f"**{name}** — max sustained {_fmt(run.get('max_sustained_samples_per_s'))} samples/s", ""]
         lines += [*_step_table(run), ""]
     lines += _target_rows(results.get("comparison", {}))
+    alarm = results.get("alarm_latency") or {}
+    if alarm.get("measured"):
+
+        def p50_p99(key: str) -> str:
+            d = alarm.get(key) or {}
+            return f"{_fmt(d.get('p50'), '.0f')} / {_fmt(d.get('p99'), '.0f')} ms"
+
+        lines += [
+            "",
+            f"Alarm probe: {alarm.get('probe_vehicles')} probe vehicles among {alarm.get('reporting_vehicles')} "
+            f"reporting at {_fmt(alarm.get('offered_samples_per_s'))} samples/s; p50 / p99: message sent → alarm "
+            f"row inserted {p50_p99('send_to_insert_ms')}, inserted → seen through the API "
+            f"{p50_p99('insert_to_seen_ms')} (GET /v1/alarms answered in {p50_p99('poll_answer_ms')}, polled every"
+            " 50 ms).",
+        ]
     g = results.get("comparison", {}).get("generator", {})
     lines += [
         "",
