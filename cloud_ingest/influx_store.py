@@ -924,21 +924,28 @@ class InfluxTimeSeriesStore:
         _, rows = self._select(
             f'SELECT "vin", "ts", "pos_ts", "pos_lat", "pos_lon"{fields} FROM {self._state_from}{where}'
         )
-        names = [s.name for s in sigs]
-        # JSON has one number type: whole floats arrive as ints. Only those need converting; the rest arrives typed.
+        # JSON has one number type: whole floats arrive as ints (MessagePack keeps them floats). Only those columns
+        # need converting; the rest arrives typed.
         floats = [i for i, s in enumerate(sigs, start=6) if s.type is SignalType.FLOAT]
+        columns = [(i, s.name) for i, s in enumerate(sigs, start=6)]
+        rows.sort(key=_vin_of_row)
         out: list[FleetEntry] = []
+        append = out.append
         for row in rows:
             vin, ts, pos_ts, lat, lon = row[1:6]
-            if not isinstance(vin, str) or ts is None or (wanted is not None and vin not in wanted):
+            if ts is None or type(vin) is not str or (wanted is not None and vin not in wanted):
                 continue
             for i in floats:
                 if type(row[i]) is int:
                     row[i] = float(row[i])
-            values = {n: v for n, v in zip(names, row[6:], strict=True) if v is not None}
-            pos = None if pos_ts is None else (pos_ts, float(lat), float(lon))
-            out.append(FleetEntry(vin, ts, values, pos))
-        out.sort(key=lambda e: e.vin)
+            append(
+                FleetEntry(
+                    vin,
+                    ts,
+                    {n: row[i] for i, n in columns if row[i] is not None},
+                    None if pos_ts is None else (pos_ts, float(lat), float(lon)),
+                )
+            )
         return out
 
     def track(self, vin: str, start_ms: int, end_ms: int, bucket_ms: int) -> list[TrackPoint]:
@@ -1079,6 +1086,12 @@ class InfluxTimeSeriesStore:
 
 
 _MSGPACK = "application/x-msgpack"
+
+
+def _vin_of_row(row: list[Any]) -> str:
+    """Sort key of a fleet-state row: its VIN (rows without one, never written by us, sort first)."""
+    vin = row[1]
+    return vin if type(vin) is str else ""
 
 
 def _answer_documents(r: httpx.Response) -> list[Any]:
