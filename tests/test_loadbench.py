@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cloud_ingest.pipeline import SAMPLE_AGE_BUCKETS_S
 from zhilian.cli import app
-from zhilian.loadbench import RampPlanner, histogram_buckets, histogram_percentiles, markdown_report
+from zhilian.loadbench import RampPlanner, added_up, histogram_buckets, histogram_percentiles, markdown_report
 from zhilian.nodered import FUNCTION_BODY, FlowConfig, build_flows, settings_js
 
 # --- the ramp ----------------------------------------------------------------------------------------------------
@@ -88,6 +88,36 @@ def test_histogram_percentiles_fall_in_the_bucket_of_the_true_percentile(
         hi = next(b for b in SAMPLE_AGE_BUCKETS_S if true <= b)
         lo = max(b for b in bounds if b < hi) if hi > 0 else 0.0
         assert lo * 1000 - 1e-6 <= got[key] <= hi * 1000 + 1e-6, (key, true, got)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    split=st.lists(st.tuples(st.floats(0.0, 200.0), st.booleans()), max_size=100),
+)
+def test_workers_histograms_add_up_to_one_over_all_their_observations(split: list[tuple[float, bool]]) -> None:
+    def exposition(values: list[float]) -> str:
+        registry = CollectorRegistry()
+        hist = Histogram("zhilian_ingest_sample_age_seconds", "t", buckets=SAMPLE_AGE_BUCKETS_S, registry=registry)
+        for v in values:
+            hist.observe(v)
+        return generate_latest(registry).decode()
+
+    first = [v for v, second in split if not second]
+    second = [v for v, second in split if second]
+    assert histogram_buckets([exposition(first), exposition(second)]) == histogram_buckets(
+        exposition([v for v, _ in split])
+    )
+
+
+def test_workers_stats_are_added_up_by_key() -> None:
+    a = {"stored": 3, "duplicate": 0, "rejected": {"bad_signature": 1}, "invalid_values": {}}
+    b = {"stored": 4, "duplicate": 1, "rejected": {"bad_signature": 2, "replay": 1}, "invalid_values": {"x": 1}}
+    assert added_up([a, b]) == {
+        "stored": 7,
+        "duplicate": 1,
+        "rejected": {"bad_signature": 3, "replay": 1},
+        "invalid_values": {"x": 1},
+    }
 
 
 def test_no_new_observations_means_no_percentiles() -> None:
@@ -181,6 +211,9 @@ def test_tiny_loadbench_writes_json_and_plot(tmp_path: Path) -> None:
         assert step["lost_samples"] == 0
         assert step["landed_samples_final"] == step["sent_samples"] > 0
         assert step["fleet"]["unacked"] == 0
+    # Two `zhilian serve` workers on one shared subscription (the default): both ingested, together everything.
+    assert run["ingest_workers"] == 2 and len(run["stored_per_worker"]) == 2
+    assert min(run["stored_per_worker"]) > 0
     assert run["ingest_stats"]["rejected"] == {}
     assert run["ingest_stats"]["duplicate"] == 0
     assert doc["pipeline_profile"]["outcomes"] == {"stored": 40}

@@ -245,15 +245,17 @@ def serve(
     mqtt_host: str = "127.0.0.1",
     mqtt_port: int = 1883,
     bridge: Annotated[bool, typer.Option(help="also consume from the MQTT broker")] = True,
+    share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group (several workers)")] = None,
+    client_id: str = "zhilian-bridge",
     tls_ca: TlsCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run the ingest API and the MQTT bridge together."""
+    """Run the ingest API and the MQTT bridge together (several on one --share-group spread the load)."""
     _serve(
         service, log_level, (mqtt_host, mqtt_port), (tls_ca, tls_cert, tls_key),
-        http_host=http_host, http_port=http_port, with_bridge=bridge,
+        http_host=http_host, http_port=http_port, with_bridge=bridge, share_group=share_group, client_id=client_id,
     )  # fmt: skip
 
 
@@ -703,6 +705,9 @@ def bench(
     nodered: Annotated[bool, typer.Option(help="run the Node-RED baseline (npm-installed on first use)")] = True,
     micro_section: Annotated[bool, typer.Option(help="add the bench message's codec costs")] = True,
     alarm_probe: Annotated[bool, typer.Option(help="measure alarm latency (when GET /v1/alarms exists)")] = True,
+    ingest_workers: Annotated[
+        int, typer.Option(min=1, max=16, help="`zhilian serve` processes on one MQTT shared subscription")
+    ] = 2,
     profile_messages: Annotated[int, typer.Option(help="messages profiled in-process with cProfile (0: skip)")] = 1000,
     plot: Annotated[Path | None, typer.Option(help="PNG plot (default: next to --out)")] = None,
     report: Annotated[Path | None, typer.Option(help="append the report to this Markdown file")] = Path(
@@ -741,6 +746,7 @@ def bench(
         max_steps=max_steps,
         nodered=nodered,
         alarm_probe=alarm_probe,
+        ingest_workers=ingest_workers,
         profile_messages=profile_messages,
     )
     try:

@@ -1,8 +1,9 @@
 """End-to-end load benchmark (`zhilian bench`): the whole chain on this machine, side by side with Node-RED.
 
 Set-up: a private Mosquitto (file-descriptor limit raised for 10,000 connections), a private `influxd` (or the
-SQLite store), the ingest service as its own process (`zhilian serve`: bridge + pipeline + API, exactly as
-deployed) and the protocol-level virtual fleet (simulators/virtual_fleet.py) in a child process with one MQTT
+SQLite store), the ingest service as its own processes (`ingest_workers` × `zhilian serve`: bridge + pipeline +
+API, exactly as deployed, on one MQTT 5 shared subscription; their CPU, RSS, latency histograms and stats added
+up) and the protocol-level virtual fleet (simulators/virtual_fleet.py) in a child process with one MQTT
 connection per vehicle. The fleet's keys are derived from its seed and registered in the ingest's registry first.
 
 Phases, one after the other on the same broker and InfluxDB, fed by the same fleet generator with the same samples
@@ -123,6 +124,8 @@ class LoadBenchConfig:
     nodered_group: int = 100
     nodered_prefix: Path | None = None
     alarm_probe: bool = True
+    # `zhilian serve` processes on one shared subscription: a Python process ingests on one core at a time (GIL).
+    ingest_workers: int = 2
     profile_messages: int = 1000  # messages run through the pipeline under cProfile (0: skip)
     workdir: Path | None = None
     keep_workdir: bool = False
@@ -150,19 +153,28 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+# A component's processes by its name: one each, but the ingest may run as several workers (one group).
+Pids = dict[str, tuple[int, ...]]
+
+
+def group_cpu_s(pids: tuple[int, ...]) -> float:
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
 class RssSampler:
-    """Samples VmRSS of named processes every `interval_s` in a thread; `peaks()` since the last `reset()`."""
+    """Samples VmRSS of named process groups every `interval_s` in a thread (a group's processes added up);
+    `peaks()` since the last `reset()`."""
 
     def __init__(self, interval_s: float = 0.25) -> None:
         self.interval_s = interval_s
-        self._pids: dict[str, int] = {}
+        self._pids: Pids = {}
         self._peak: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
         self._thread.start()
 
-    def watch(self, pids: dict[str, int]) -> None:
+    def watch(self, pids: Pids) -> None:
         with self._lock:
             self._pids = dict(pids)
             self._peak = {}
@@ -179,11 +191,11 @@ class RssSampler:
         while not self._stop.wait(self.interval_s):
             with self._lock:
                 pids = dict(self._pids)
-            for name, pid in pids.items():
-                kb = proc_status_kb(pid, "VmRSS")
-                if kb is not None:
+            for name, group in pids.items():
+                sizes = [kb for kb in (proc_status_kb(pid, "VmRSS") for pid in group) if kb is not None]
+                if sizes:
                     with self._lock:
-                        self._peak[name] = max(self._peak.get(name, 0), kb)
+                        self._peak[name] = max(self._peak.get(name, 0), sum(sizes))
 
     def close(self) -> None:
         self._stop.set()
@@ -326,16 +338,33 @@ def percentiles_ms(values_s: list[float]) -> dict[str, float | int]:
 # --- the pipeline's latency histogram ------------------------------------------------------------------------------
 
 
-def histogram_buckets(metrics_text: str, name: str = SAMPLE_AGE_METRIC) -> list[tuple[float, float]]:
-    """(upper bound, cumulative count) of a Prometheus histogram in exposition text, by bound."""
-    out: list[tuple[float, float]] = []
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name == name + "_bucket":
-                out.append((float(sample.labels["le"]), float(sample.value)))
-    return sorted(out)
+def histogram_buckets(metrics_text: str | list[str], name: str = SAMPLE_AGE_METRIC) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of a Prometheus histogram in exposition text, by bound; given several
+    processes' texts (ingest workers, the same buckets), their counts added up."""
+    total: dict[float, float] = {}
+    for text in [metrics_text] if isinstance(metrics_text, str) else metrics_text:
+        for family in text_string_to_metric_families(text):
+            if family.name != name:
+                continue
+            for sample in family.samples:
+                if sample.name == name + "_bucket":
+                    le = float(sample.labels["le"])
+                    total[le] = total.get(le, 0.0) + float(sample.value)
+    return sorted(total.items())
+
+
+def added_up(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several workers' counters (numbers, and dicts of them, as /v1/ingest/stats answers) added up by key."""
+    out: dict[str, Any] = {}
+    for doc in docs:
+        for key, value in doc.items():
+            if isinstance(value, dict):
+                out[key] = added_up([out.get(key, {}), value])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+            else:
+                out.setdefault(key, value)
+    return out
 
 
 def histogram_percentiles(
@@ -502,7 +531,15 @@ class FleetControl:
 class IngestChild:
     """`zhilian serve` (bridge + pipeline + API) as its own process, as deployed."""
 
-    def __init__(self, data_dir: Path, broker: MosquittoProcess, influx_url: str | None, log_path: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        broker: MosquittoProcess,
+        influx_url: str | None,
+        log_path: Path,
+        worker: int = 1,
+        share_group: str | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.http_port = free_port()
         self.api = f"http://127.0.0.1:{self.http_port}"
@@ -523,6 +560,8 @@ class IngestChild:
         ]
         if influx_url:
             args += ["--influx-url", influx_url, "--influx-db", INFLUX_DB]
+        if share_group is not None:
+            args += ["--share-group", share_group, "--client-id", f"zhilian-bench-{worker}"]
         self.log_path = log_path
         # The registry and data dir come from the bench; the environment must not point elsewhere.
         env = {k: "" for k in ("ZHILIAN_DATABASE_URL", "ZHILIAN_INFLUX_URL") if k in os.environ}
@@ -748,9 +787,9 @@ class Phase:
     name: str
     kind: Literal["signed", "json"]
     measurement: str
-    pids: dict[str, int]
+    pids: Pids
     pipeline_component: str  # whose CPU counts as "the pipeline" (the store excluded)
-    metrics: Callable[[], str] | None = None  # our /metrics, for the latency histogram
+    metrics: Callable[[], list[str]] | None = None  # our workers' /metrics, for the latency histogram
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -787,8 +826,8 @@ class LoadBench:
 
     # -- steps -------------------------------------------------------------------------------------------------
 
-    def _cpu(self, pids: dict[str, int]) -> dict[str, float]:
-        return {name: proc_cpu_s(pid) for name, pid in pids.items()}
+    def _cpu(self, pids: Pids) -> dict[str, float]:
+        return {name: group_cpu_s(group) for name, group in pids.items()}
 
     def _run_step(
         self,
@@ -1117,27 +1156,44 @@ class LoadBench:
         )
         return admin_key
 
-    def _base_pids(self, broker: MosquittoProcess, influx: InfluxProcess | None) -> dict[str, int]:
+    def _base_pids(self, broker: MosquittoProcess, influx: InfluxProcess | None) -> Pids:
         assert broker.proc is not None and self.fleet is not None
-        pids = {"mosquitto": broker.proc.pid, "fleet": self.fleet.pid}
+        pids = {"mosquitto": (broker.proc.pid,), "fleet": (self.fleet.pid,)}
         if influx is not None and influx.proc is not None:
-            pids["influxd"] = influx.proc.pid
+            pids["influxd"] = (influx.proc.pid,)
         return pids
 
     def _phase_ours(self, tmp: Path, broker: MosquittoProcess, influx: InfluxProcess | None, admin_key: str) -> None:
         cfg, results = self.config, self.results
-        self._say("starting ingest (zhilian serve)")
-        ingest = IngestChild(tmp / "ingest", broker, influx.url if influx else None, tmp / "ingest.log")
+        n = cfg.ingest_workers
+        self._say(f"starting ingest (zhilian serve × {n})")
+        # Several workers: the same data dir (registry, ledger, rule state; SQLite serialises their writes), each
+        # with its own MQTT session in one shared subscription, as the scale path deploys them (DESIGN.md).
+        # Started one after the other: the first migrates the database.
+        group = "zhilian-bench" if n > 1 else None
+        workers: list[IngestChild] = []
         try:
-            ingest.wait_ready()
-            pids = self._base_pids(broker, influx) | {"ingest": ingest.pid}
+            for k in range(1, n + 1):
+                log_path = tmp / ("ingest.log" if k == 1 else f"ingest-{k}.log")
+                workers.append(IngestChild(tmp / "ingest", broker, influx.url if influx else None, log_path, k, group))
+                workers[-1].wait_ready()
+            ingest = workers[0]
+            pids = self._base_pids(broker, influx) | {"ingest": tuple(w.pid for w in workers)}
             self.rss.watch(pids)
-            ours = Phase("zhilian", "signed", OUR_MEASUREMENT, pids, "ingest", metrics=ingest.metrics)
+
+            def metrics() -> list[str]:
+                return [w.metrics() for w in workers]
+
+            ours = Phase("zhilian", "signed", OUR_MEASUREMENT, pids, "ingest", metrics=metrics)
             self._ramp(ours, cfg.start_rate)
             run = results["runs"]["zhilian"] = self.summarize(ours)
-            run["ingest_stats"] = ingest.client.get(
-                "/v1/ingest/stats", headers={"Authorization": f"Bearer {admin_key}"}
-            ).json()
+            run["ingest_workers"] = n
+            stats = [
+                w.client.get("/v1/ingest/stats", headers={"Authorization": f"Bearer {admin_key}"}).json()
+                for w in workers
+            ]
+            run["ingest_stats"] = added_up(stats)
+            run["stored_per_worker"] = [s.get("stored", 0) for s in stats]
             best = run["max_sustained_samples_per_s"] / SAMPLES_PER_MESSAGE
             if cfg.alarm_probe and best > 0:
                 self._say("alarm probe at 80 % of the maximum")
@@ -1145,11 +1201,15 @@ class LoadBench:
             else:
                 results["alarm_latency"] = {"measured": False, "reason": "alarm probe disabled or no sustained rate"}
             results["components_total"] = {
-                name: {"cpu_s": proc_cpu_s(pid), "peak_rss_mb": (proc_status_kb(pid, "VmHWM") or 0) / 1024}
-                for name, pid in pids.items()
+                name: {
+                    "cpu_s": group_cpu_s(group),
+                    "peak_rss_mb": sum(proc_status_kb(pid, "VmHWM") or 0 for pid in group) / 1024,
+                }
+                for name, group in pids.items()
             }
         finally:
-            ingest.stop()
+            for w in workers:
+                w.stop()
         if cfg.profile_messages > 0:
             self._say("profiling the pipeline in-process (cProfile)")
             options = {"influx_url": influx.url, "influx_db": "zhilian_profile"} if influx is not None else {}
@@ -1188,7 +1248,7 @@ class LoadBench:
             nr = NodeRedProcess(tmp / name, install, build_flows(flow))
             try:
                 nr.start()
-                pids = self._base_pids(broker, influx) | {"node-red": nr.pid}
+                pids = self._base_pids(broker, influx) | {"node-red": (nr.pid,)}
                 self.rss.watch(pids)
                 phase = Phase(name, "json", f"nr_{mode}", pids, "node-red")
                 self._ramp(phase, self.config.nodered_start_rate)
@@ -1417,7 +1477,9 @@ def markdown_report(results: dict[str, Any], plot: Path | None) -> str:
         if "error" in run:
             lines += [f"**{name}**: failed — {run['error']}", ""]
             continue
-        lines += [f"**{name}** — max sustained {_fmt(run.get('max_sustained_samples_per_s'))} samples/s", ""]
+        workers = run.get("ingest_workers", 1)
+        on = f" ({workers} ingest workers on one shared subscription)" if workers > 1 else ""
+        lines += [f"**{name}**{on} — max sustained {_fmt(run.get('max_sustained_samples_per_s'))} samples/s", ""]
         lines += [*_step_table(run), ""]
     lines += _target_rows(results.get("comparison", {}))
     alarm = results.get("alarm_latency") or {}
