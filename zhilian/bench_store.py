@@ -30,6 +30,7 @@ from cloud_ingest.tsstore import DEFAULT_TZ, BBox, SqliteTimeSeriesStore, TimeSe
 from protocol import Batch, Catalogue, DeviceKey, Envelope, Flags, Kind, encode_batch, load_catalogue, seal_envelope
 from protocol.catalogue import SignalType
 from zhilian.influx import InfluxError, InfluxProcess, find_influxd
+from zhilian.serve import freeze_startup_heap
 
 SAMPLES_PER_BATCH = 30
 BATCHES_PER_CALL = 200
@@ -486,6 +487,8 @@ def _run_scale(
                 console.print(f"[bold]{backend}[/]: reusing the {fleet.rows:,} rows loaded in {work}")
             console.print("  querying ...")
             client = _app_client(store, cat, work, fleet.track_vin)
+            # The queries run in the state `zhilian serve` runs them in: start-up's heap frozen.
+            freeze_startup_heap()
             try:
                 out["queries"] = _queries(store, fleet, client, server.proc.pid if server and server.proc else None)
             finally:

@@ -231,7 +231,12 @@ def _serve(
         }
     _run(
         lambda stop: serve_(
-            service.data_dir, stop=stop, database_url=service.database_url, store_options=store, **parts
+            service.data_dir,
+            stop=stop,
+            database_url=service.database_url,
+            store_options=store,
+            freeze_heap=True,
+            **parts,
         )
     )
 

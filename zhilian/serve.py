@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -27,6 +28,16 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def freeze_startup_heap() -> None:
+    """Takes what start-up built (modules, catalogue, rules, app: ≈ 170,000 objects that live as long as the process)
+    out of the cyclic collector's generations (`gc.freeze`). A full collection then walks only what was made since:
+    a 10,000-vehicle snapshot answer, 50,000 fresh objects, set one off that took 105–135 ms walking the whole heap,
+    and 6–12 ms after the freeze; in the ingest pipeline the collector's share of CPU went from ≈ 10 % to ≈ 4.5 %
+    (BENCHMARKS.md). Frozen objects are still freed by reference counting; only cycles among them would stay."""
+    gc.collect()
+    gc.freeze()
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -51,8 +62,10 @@ async def serve(
     tls_key: Path | None = None,
     database_url: str | None = None,
     store_options: dict[str, Any] | None = None,
+    freeze_heap: bool = False,
 ) -> None:
-    """`store_options`: more IngestService.open arguments (influx_url, influx_db, ..., rules_path, webhook)."""
+    """`store_options`: more IngestService.open arguments (influx_url, influx_db, ..., rules_path, webhook).
+    `freeze_heap`: this process is ours alone (the CLI's): `freeze_startup_heap` once everything is built."""
     stop = stop or asyncio.Event()
     service = IngestService.open(data_dir, database_url=database_url, **(store_options or {}))
     tasks: list[asyncio.Task[None]] = []
@@ -76,6 +89,8 @@ async def serve(
                 tls_key=tls_key,
             )
             tasks.append(asyncio.create_task(bridge.run(stop), name="bridge"))
+        if freeze_heap:
+            freeze_startup_heap()
         log.info("serving", extra={"http": f"{http_host}:{http_port}", "mqtt": f"{mqtt_host}:{mqtt_port}"})
         stop_wait = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
