@@ -1,7 +1,7 @@
 """MQTT → ingest pipeline, acknowledging only what the pipeline has durably decided.
 
 Flow: paho delivers a QoS 1 message on the event loop → the inbound queue → a worker drains up to `max_batch`
-messages, runs the synchronous pipeline in a thread (one durable commit for the lot), then PUBACKs each.  If the
+messages (waiting up to `linger_s` for more when fewer are queued), runs the synchronous pipeline in a thread (one durable commit for the lot), then PUBACKs each.  If the
 store fails nothing is acknowledged and the same batch is retried; the broker also redelivers unacknowledged
 messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
 
@@ -114,6 +114,7 @@ class MqttBridge:
         tls_key: Path | None = None,
         control: ControlPlane | None = None,
         queue_high_water: int | None = None,
+        linger_s: float = 0.02,
     ) -> None:
         # Built once (a bad TLS file fails construction with TlsConfigError); the certificate's CN, normally
         # "zhilian-bridge", is the identity the broker's ACL grants read on every vehicle's uplink.
@@ -126,6 +127,9 @@ class MqttBridge:
         self.share_group = share_group
         self.receive_maximum = receive_maximum
         self.max_batch = max_batch
+        if not 0 <= linger_s <= 1:
+            raise ValueError(f"linger_s must be 0..1 s, not {linger_s}")
+        self.linger_s = linger_s
         self.keepalive = keepalive
         if not 1 <= receive_maximum <= 65535:
             raise ValueError(f"receive_maximum must be 1..65535 (an MQTT 5 Receive Maximum), not {receive_maximum}")
@@ -227,14 +231,35 @@ class MqttBridge:
                 first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
             except TimeoutError:
                 continue
-            items = [first]
-            while len(items) < self.max_batch and not self._queue.empty():
-                items.append(self._queue.get_nowait())
+            items = await self._fill_batch(first)
             if self._queue_changed() <= self.low_water and not self._room.is_set():
                 self._room.set()
                 if self._adapter is not None and self._adapter.resume_reading():
                     log.debug("inbound queue at low water; reading resumed", extra={"depth": self._queue.qsize()})
             await self._process(items, stop)
+
+    async def _fill_batch(self, first: _Inbound) -> list[_Inbound]:
+        """`first` and what arrives within `linger_s` of it, up to `max_batch`.  A pipeline call costs a fixed
+        ≈ 6.5 ms of CPU (its transaction and a dozen statements) on top of ≈ 1.2 ms per message: taking the one or
+        two messages a moderate load has queued would spend most of a core on that fixed part, a core the store and
+        broker on the same machine need.  Under overload the queue already holds a full batch and nothing waits."""
+        items = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger_s
+        while len(items) < self.max_batch:
+            if not self._queue.empty():
+                items.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                # A get cancelled by the timeout takes nothing: Queue.get removes the item only once it resumes.
+                async with asyncio.timeout(remaining):
+                    items.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return items
 
     async def _process(self, items: list[_Inbound], stop: asyncio.Event) -> None:
         backoff = 0.2
