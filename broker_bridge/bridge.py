@@ -1,9 +1,10 @@
 """MQTT → ingest pipeline, acknowledging only what the pipeline has durably decided.
 
 Flow: paho delivers a QoS 1 message on the event loop → the inbound queue → a worker drains up to `max_batch`
-messages (waiting up to `linger_s` for more when fewer are queued), runs the synchronous pipeline in a thread (one durable commit for the lot), then PUBACKs each.  If the
-store fails nothing is acknowledged and the same batch is retried; the broker also redelivers unacknowledged
-messages after a reconnect, and the pipeline's (vin, boot, seq) ledger stores them once.
+messages (waiting up to `linger_s` for more when fewer are queued), runs the synchronous pipeline in a thread (one
+durable commit for the lot), then PUBACKs each.  If the store fails nothing is acknowledged and the same batch is
+retried; the broker also redelivers unacknowledged messages after a reconnect, and the pipeline's
+(vin, boot, seq) ledger stores them once.
 
 Backpressure is TCP's, not the broker's: we announce the MQTT 5 Receive Maximum, but Mosquitto 2.0 does not keep
 to it once acknowledgements flow (a subscriber announcing 50 was measured holding thousands unacknowledged), so
