@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 import uvicorn
 
@@ -106,3 +107,42 @@ async def wait_until(predicate, timeout: float, interval: float = 0.1) -> None: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def resubscribing(
+    broker: MosquittoProcess,
+    identifier: str,
+    topics: list[tuple[str, int]],
+    on_subscribed: Callable[[], None],
+    on_message: Callable[[aiomqtt.Message], None],
+    clean_session: bool | None = None,
+) -> AsyncIterator[None]:
+    """A subscriber in the background that reconnects and subscribes again whenever the broker comes back (a broker
+    restart is part of the scenario): `on_subscribed` after each subscription, `on_message` for every message.
+    Entered once the first subscription is in place."""
+    subscriptions = 0
+
+    async def run() -> None:
+        nonlocal subscriptions
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    broker.host, broker.port, identifier=identifier, clean_session=clean_session
+                ) as client:
+                    await client.subscribe(topics)
+                    subscriptions += 1
+                    on_subscribed()
+                    async for message in client.messages:
+                        on_message(message)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(run())
+    try:
+        await wait_until(lambda: subscriptions >= 1, timeout=10, interval=0.02)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

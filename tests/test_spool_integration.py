@@ -28,7 +28,7 @@ from protocol import DeviceKey, Envelope, Flags, decode_batch, load_catalogue, p
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
 from simulators.vehicle import VehicleModel
-from tests.conftest import ClientTls, running_stack, wait_until
+from tests.conftest import ClientTls, resubscribing, running_stack, wait_until
 from zhilian import pki
 from zhilian.broker import MosquittoProcess, TlsFiles, free_port
 
@@ -235,26 +235,15 @@ async def _subscriber(broker: MosquittoProcess, vin: str, key: DeviceKey) -> Asy
     """Collects verified envelopes from ev/+/telemetry, resubscribing whenever the broker comes back."""
     got = Received()
 
-    async def run() -> None:
-        while True:
-            try:
-                async with aiomqtt.Client(broker.host, broker.port, identifier="zl-test-sub") as client:
-                    await client.subscribe(f"ev/{vin}/telemetry", qos=1)
-                    got.subscriptions += 1
-                    async for message in client.messages:
-                        assert isinstance(message.payload, bytes)
-                        got.envelopes.append(parse_envelope(message.payload).verify(key.public_raw))
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.02)
+    def subscribed() -> None:
+        got.subscriptions += 1
 
-    task = asyncio.create_task(run())
-    try:
-        await wait_until(lambda: got.subscriptions == 1, timeout=10, interval=0.02)
+    def received(message: aiomqtt.Message) -> None:
+        assert isinstance(message.payload, bytes)
+        got.envelopes.append(parse_envelope(message.payload).verify(key.public_raw))
+
+    async with resubscribing(broker, "zl-test-sub", [(f"ev/{vin}/telemetry", 1)], subscribed, received):
         yield got
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class _UpperBound(random.Random):

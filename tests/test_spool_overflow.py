@@ -32,7 +32,7 @@ from protocol.commands import StatusReport, decode_status
 from simulators.gnss import GnssEmulator
 from simulators.route import route_for
 from simulators.vehicle import VehicleModel
-from tests.conftest import wait_until
+from tests.conftest import resubscribing, wait_until
 from zhilian.broker import MosquittoProcess
 
 pytestmark = pytest.mark.integration
@@ -163,34 +163,22 @@ async def subscriber(broker: MosquittoProcess, key: DeviceKey) -> AsyncIterator[
     """Every envelope on ev/{VIN}/telemetry and every live status, on a persistent session (QoS 1)."""
     got = Received()
 
-    async def run() -> None:
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    broker.host, broker.port, identifier="zl-test-overflow", clean_session=False
-                ) as client:
-                    await client.subscribe([(f"ev/{VIN}/telemetry", 1), (f"ev/{VIN}/status", 1)])
-                    got.connections += 1
-                    async for message in client.messages:
-                        assert isinstance(message.payload, bytes)
-                        env = parse_envelope(message.payload).verify(key.public_raw)
-                        if env.kind is Kind.STATUS:
-                            if not message.retain:  # a retained copy replayed by a (re)subscribe is not news
-                                got.statuses.append((env, decode_status(env.body)))
-                        else:
-                            assert env.kind is Kind.TELEMETRY, env.kind
-                            got.telemetry.append(Arrival(env, got.connections))
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.02)
+    def connected() -> None:
+        got.connections += 1
 
-    task = asyncio.create_task(run())
-    try:
-        await wait_until(lambda: got.connections == 1, timeout=10, interval=0.02)
+    def received(message: aiomqtt.Message) -> None:
+        assert isinstance(message.payload, bytes)
+        env = parse_envelope(message.payload).verify(key.public_raw)
+        if env.kind is Kind.STATUS:
+            if not message.retain:  # a retained copy replayed by a (re)subscribe is not news
+                got.statuses.append((env, decode_status(env.body)))
+        else:
+            assert env.kind is Kind.TELEMETRY, env.kind
+            got.telemetry.append(Arrival(env, got.connections))
+
+    topics = [(f"ev/{VIN}/telemetry", 1), (f"ev/{VIN}/status", 1)]
+    async with resubscribing(broker, "zl-test-overflow", topics, connected, received, clean_session=False):
         yield got
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 # -- the scenario -------------------------------------------------------------------------------------------------
