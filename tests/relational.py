@@ -23,7 +23,6 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import psycopg
 import pytest
@@ -34,11 +33,6 @@ from zhilian.broker import free_port
 
 PG_ADMIN = os.environ.get("ZHILIAN_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 CONNECT_TIMEOUT_S = 5
-
-
-def require_or_skip(problem: str) -> NoReturn:
-    """A missing PostgreSQL prerequisite: a failure in CI, a skip (with the reason) on a developer machine."""
-    missing("PostgreSQL", problem)
 
 
 def _admin() -> psycopg.Connection[tuple[object, ...]]:
@@ -92,7 +86,7 @@ def postgres_admin() -> Iterator[str]:
     try:
         cluster = PrivatePostgres().start()
     except (FileNotFoundError, RuntimeError) as exc:
-        require_or_skip(f"{problem}; and no private cluster either: {exc}")
+        missing("PostgreSQL", f"{problem}; and no private cluster either: {exc}")
     try:
         yield cluster.admin_conninfo
     finally:
@@ -200,7 +194,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     try:
         cluster = PrivatePostgres()
     except (FileNotFoundError, RuntimeError) as exc:
-        require_or_skip(f"cannot create a private PostgreSQL cluster: {exc}")
+        missing("PostgreSQL", f"cannot create a private PostgreSQL cluster: {exc}")
     try:
         yield cluster.start()
     finally:
