@@ -3,7 +3,9 @@
 Relational (SQLAlchemy) so that several ingest workers, possibly on several machines, share it: the ledger's
 primary key is the arbiter when two workers race to store the same message. Commits use the dialect's upsert
 (`INSERT ... ON CONFLICT` on SQLite and PostgreSQL alike): a row another worker recorded first is simply not
-returned, so a race costs no aborted transaction and no retry loop.
+returned, so a race costs no aborted transaction and no retry loop. The statements run once or twice per ingest
+call whatever its size, so they are plain SQL (cloud_ingest/sqltext.py), not SQLAlchemy expressions compiled per
+call; the tables are those of cloud_ingest/db.py (MessageLedger, BootWindow, DeviceState).
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, case, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from cloud_ingest.db import BootWindow, DeviceState, MessageLedger
+from cloud_ingest import sqltext
 from cloud_ingest.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -30,29 +30,10 @@ Identity = tuple[str, int, int]
 # Work that must commit atomically with the ledger rows (the pipeline's sample observers).
 WithinCommit = Callable[[Session, set[Identity]], None]
 
-_LEDGER = cast(Table, MessageLedger.__table__)
-_WINDOWS = cast(Table, BootWindow.__table__)
-_UPSERTS: dict[str, Callable[[Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 # PostgreSQL aborts one of two transactions that wait on each other (deadlock) or, under SERIALIZABLE, conflict;
 # the loser is retried as a whole. Rows are locked in sorted order, so this should be rare.
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 _MAX_ATTEMPTS = 5
-_IN_CHUNK = 300  # identities per IN (...) list: 900 bound parameters, far below SQLite's and PostgreSQL's limits
-_DEVICES = cast(Table, DeviceState.__table__)
-# Executed for many rows at once (executemany): the window trim per (vin, boot), the counters per vehicle.
-_TRIM = _LEDGER.delete().where(
-    _LEDGER.c.vin == bindparam("b_vin"), _LEDGER.c.boot == bindparam("b_boot"), _LEDGER.c.seq <= bindparam("b_below")
-)
-_COUNT = (
-    _DEVICES.update()
-    .where(_DEVICES.c.vin == bindparam("b_vin"))
-    .values(
-        messages=_DEVICES.c.messages + bindparam("b_messages"),
-        samples=_DEVICES.c.samples + bindparam("b_samples"),
-        last_seen_ms=bindparam("b_seen"),
-        last_boot=bindparam("b_boot"),
-    )
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +55,8 @@ def _retryable(exc: DBAPIError) -> bool:
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        upsert = _UPSERTS.get(engine.dialect.name)
-        if upsert is None:
-            raise StorageError(f"the ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")
-        self._upsert = upsert
+        # Plain SQL (cloud_ingest/sqltext.py): raises StorageError for other databases than SQLite and PostgreSQL.
+        self._mark = sqltext.marker(engine)
 
     def lookup(self, identities: Iterable[Identity]) -> LedgerView:
         by_boot: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -89,20 +68,24 @@ class Ledger:
         # Two statements per call however many vehicles it carries: the windows by (vin, boot), the identities.
         boots = sorted(by_boot)
         wanted = sorted((vin, boot, seq) for (vin, boot), seqs in by_boot.items() for seq in seqs)
+        m = self._mark
         try:
-            with Session(self.engine) as session:
-                conn = session.connection()
-                for i in range(0, len(boots), _IN_CHUNK):
-                    stmt = select(_WINDOWS.c.vin, _WINDOWS.c.boot, _WINDOWS.c.hwm_seq).where(
-                        tuple_(_WINDOWS.c.vin, _WINDOWS.c.boot).in_(boots[i : i + _IN_CHUNK])
+            with self.engine.connect() as conn:
+                for part in sqltext.chunks(boots):
+                    sql = (
+                        "SELECT vin, boot, hwm_seq FROM boot_window WHERE (vin, boot) IN "
+                        f"(VALUES {sqltext.rows(len(part), 2, m)})"
                     )
-                    for vin, boot, hwm in conn.execute(stmt):
+                    for vin, boot, hwm in conn.exec_driver_sql(sql, sqltext.flat(part)):
                         view.hwm[(vin, boot)] = hwm
-                for i in range(0, len(wanted), _IN_CHUNK):
-                    stmt = select(_LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq).where(
-                        tuple_(_LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq).in_(wanted[i : i + _IN_CHUNK])
+                for part in sqltext.chunks(wanted):
+                    sql = (
+                        "SELECT vin, boot, seq FROM message_ledger WHERE (vin, boot, seq) IN "
+                        f"(VALUES {sqltext.rows(len(part), 3, m)})"
                     )
-                    view.seen.update((vin, boot, seq) for vin, boot, seq in conn.execute(stmt))
+                    view.seen.update(
+                        (vin, boot, seq) for vin, boot, seq in conn.exec_driver_sql(sql, sqltext.flat(part))
+                    )
         except SQLAlchemyError as exc:
             raise StorageError(f"ledger lookup failed: {exc}") from exc
         return view
@@ -136,15 +119,19 @@ class Ledger:
     ) -> set[Identity]:
         samples = {e.identity: e.samples for e in entries}
         wanted = sorted(samples)
+        m = self._mark
         with Session(self.engine) as session, session.begin():
+            conn = session.connection()
             # The INSERT comes first so the transaction takes its write lock before reading anything
             # (a SQLite read-then-write transaction could fail instead of waiting behind another writer).
             # Sorted rows: two PostgreSQL workers inserting overlapping sets lock them in the same order.
-            ins = self._upsert(_LEDGER).values([{"vin": v, "boot": b, "seq": s} for v, b, s in wanted])
-            ins = ins.on_conflict_do_nothing(index_elements=["vin", "boot", "seq"]).returning(
-                _LEDGER.c.vin, _LEDGER.c.boot, _LEDGER.c.seq
-            )
-            inserted: set[Identity] = {(v, b, s) for v, b, s in session.execute(ins)}
+            inserted: set[Identity] = set()
+            for part in sqltext.chunks(wanted):
+                sql = (
+                    f"INSERT INTO message_ledger (vin, boot, seq) VALUES {sqltext.rows(len(part), 3, m)} "
+                    "ON CONFLICT (vin, boot, seq) DO NOTHING RETURNING vin, boot, seq"
+                )
+                inserted.update((v, b, s) for v, b, s in conn.exec_driver_sql(sql, sqltext.flat(part)))
             lost = set(wanted) - inserted
             if not inserted:
                 return lost
@@ -155,30 +142,22 @@ class Ledger:
                 hwm[(vin, boot)] = max(seq, hwm.get((vin, boot), seq))
                 messages, count, last_boot = per_vin.get(vin, (0, 0, boot))
                 per_vin[vin] = (messages + 1, count + samples[identity], max(boot, last_boot))
-            up = self._upsert(_WINDOWS).values(
-                [{"vin": v, "boot": b, "hwm_seq": top} for (v, b), top in sorted(hwm.items())]
-            )
-            up = up.on_conflict_do_update(
-                index_elements=["vin", "boot"],
-                set_={
-                    "hwm_seq": case(
-                        (_WINDOWS.c.hwm_seq < up.excluded.hwm_seq, up.excluded.hwm_seq), else_=_WINDOWS.c.hwm_seq
-                    )
-                },
-            ).returning(_WINDOWS.c.vin, _WINDOWS.c.boot, _WINDOWS.c.hwm_seq)
-            conn = session.connection()
-            trims = [
-                {"b_vin": vin, "b_boot": boot, "b_below": current - window}
-                for vin, boot, current in sorted(session.execute(up).all())
-            ]
+            current: list[tuple[str, int, int]] = []
+            tops = sorted((v, b, top) for (v, b), top in hwm.items())
+            for part in sqltext.chunks(tops):
+                sql = (
+                    f"INSERT INTO boot_window (vin, boot, hwm_seq) VALUES {sqltext.rows(len(part), 3, m)} "
+                    "ON CONFLICT (vin, boot) DO UPDATE SET hwm_seq = CASE WHEN boot_window.hwm_seq < "
+                    "excluded.hwm_seq THEN excluded.hwm_seq ELSE boot_window.hwm_seq END RETURNING vin, boot, hwm_seq"
+                )
+                current.extend((v, b, top) for v, b, top in conn.exec_driver_sql(sql, sqltext.flat(part)))
+            trims = [(vin, boot, top - window) for vin, boot, top in sorted(current)]
             if trims:
-                conn.execute(_TRIM, trims)
-            conn.execute(
-                _COUNT,
-                [
-                    {"b_vin": vin, "b_messages": messages, "b_samples": count, "b_seen": now_ms, "b_boot": boot}
-                    for vin, (messages, count, boot) in sorted(per_vin.items())
-                ],
+                conn.exec_driver_sql(f"DELETE FROM message_ledger WHERE vin = {m} AND boot = {m} AND seq <= {m}", trims)
+            conn.exec_driver_sql(
+                f"UPDATE device_state SET messages = messages + {m}, samples = samples + {m}, last_seen_ms = {m}, "
+                f"last_boot = {m} WHERE vin = {m}",
+                [(messages, count, now_ms, boot, vin) for vin, (messages, count, boot) in sorted(per_vin.items())],
             )
             if within is not None:
                 within(session, inserted)
