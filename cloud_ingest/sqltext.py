@@ -6,7 +6,7 @@ and a multi-row VALUES list compiles anew for every row count. These helpers wri
 hand it to the driver through `Connection.exec_driver_sql` (still inside the session's transaction, and driver
 errors still come out as SQLAlchemy's DBAPIError, so retry and error handling are unchanged).
 
-Only what both dialects read the same way goes here: row values, `IN (VALUES ...)`, `INSERT ... ON CONFLICT`,
+Only what both dialects read the same way goes here: `WITH w AS (VALUES ...)` joins, `INSERT ... ON CONFLICT`,
 `RETURNING` (SQLite ≥ 3.35). The two drivers differ only in their placeholder: `?` (sqlite3) and `%s` (psycopg).
 """
 
