@@ -79,9 +79,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
-    Table,
     Text,
-    bindparam,
     event,
     select,
     text,
@@ -90,6 +88,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.orm.exc import StaleDataError
 
+from cloud_ingest import sqltext
 from cloud_ingest.commands import VehicleStatusRow
 from cloud_ingest.db import SQLITE_BEGIN_OPTION, Base, Device, VehicleProfile
 from cloud_ingest.errors import IngestError, StorageError
@@ -502,18 +501,15 @@ def _finite(value: float | None) -> float | None:
 
 
 _IN_CHUNK = 500  # VINs per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits
-# The versioned save of one vehicle's rule state, executed for many vehicles at once (executemany).
-_STATE_TABLE = cast(Table, RuleStateRow.__table__)
+# The rule-state statements of every ingest call are plain SQL (cloud_ingest/sqltext.py): the versioned save is
+# executed for many vehicles at once (executemany); its WHERE takes the version the transaction checked out.
+_INSERT_STATE = (
+    "INSERT INTO rule_state (vin, state_json, version, last_ts, updated_ms, next_tick_ms) VALUES ({m}, {m}, 1, {m}, "
+    "{m}, {m})"
+)
 _UPDATE_STATE = (
-    _STATE_TABLE.update()
-    .where(_STATE_TABLE.c.vin == bindparam("b_vin"), _STATE_TABLE.c.version == bindparam("b_version"))
-    .values(
-        state_json=bindparam("b_state"),
-        version=bindparam("b_version") + 1,
-        last_ts=bindparam("b_last_ts"),
-        updated_ms=bindparam("b_updated_ms"),
-        next_tick_ms=bindparam("b_next_tick"),
-    )
+    "UPDATE rule_state SET state_json = {m}, version = version + 1, last_ts = {m}, updated_ms = {m}, "
+    "next_tick_ms = {m} WHERE vin = {m} AND version = {m}"
 )
 
 
@@ -552,6 +548,12 @@ class AlarmService:
     ) -> None:
         self.engine = engine
         self._write_engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"})
+        mark = sqltext.marker(engine)
+        self._mark = mark
+        self._insert_state = _INSERT_STATE.format(m=mark)
+        self._update_state = _UPDATE_STATE.format(m=mark)
+        # Row locks where the database has them (SQLite's write transaction locks the whole file anyway).
+        self._for_update = " FOR UPDATE" if engine.dialect.name == "postgresql" else ""
         self.rules = rules
         # Ticks run on a scratch engine of their own (same rules): they never touch the ingest cache.
         self._tick_rules = tick_rules if tick_rules is not None else RuleEngine(rules.config, rules.catalogue)
@@ -645,7 +647,7 @@ class AlarmService:
             for vin, loaded in dirty:
                 last_ts = self.rules.state(vin).last_ts
                 next_tick = self.rules.next_tick_ms(vin, loaded.ctx, last_ts if last_ts is not None else 0)
-                states.append((vin, loaded, self.rules.export_state(vin), last_ts, next_tick))
+                states.append((vin, loaded, self.rules.export_json(vin), last_ts, next_tick))
         self._save_many(session, states)
         for _vin, loaded in dirty:
             loaded.dirty = False
@@ -682,7 +684,9 @@ class AlarmService:
 
     def _evict(self) -> None:
         excess = len(self._committed) - self.config.max_cached_vehicles
-        for vin in list(self._committed)[: max(0, excess)]:
+        if excess <= 0:
+            return  # the common case, after every commit: no copy of a fleet-sized list of VINs
+        for vin in list(self._committed)[:excess]:
             if vin not in self._checked_out:
                 del self._committed[vin]
                 self.rules.forget(vin)
@@ -692,15 +696,13 @@ class AlarmService:
         bring the ingest engine's state to each unless the cache already equals that committed version."""
         order = sorted(vins)
         versions: dict[str, int] = {}
+        conn = session.connection()
         for chunk in _chunks(order):
-            versions.update(
-                session.execute(
-                    select(RuleStateRow.vin, RuleStateRow.version)
-                    .where(RuleStateRow.vin.in_(chunk))
-                    .order_by(RuleStateRow.vin)
-                    .with_for_update()
-                ).all()
+            sql = (
+                f"SELECT vin, version FROM rule_state WHERE vin IN ({sqltext.marks(len(chunk), self._mark)}) "
+                f"ORDER BY vin{self._for_update}"
             )
+            versions.update((vin, version) for vin, version in conn.exec_driver_sql(sql, tuple(chunk)))
         contexts = self._contexts_for(session, order)
         stale: list[str] = []
         with self._lock:
@@ -741,48 +743,26 @@ class AlarmService:
             rules.forget(vin)
 
     def _save_many(
-        self, session: Session, states: Sequence[tuple[str, _Loaded, dict[str, Any] | None, int | None, int | None]]
+        self, session: Session, states: Sequence[tuple[str, _Loaded, str | None, int | None, int | None]]
     ) -> None:
-        """Write vehicles' states (vin, checked-out version, exported state, newest sample, next tick due)."""
+        """Write vehicles' states (vin, checked-out version, exported state as JSON, newest sample, next tick due)."""
         now = self.clock()
-        fresh: list[dict[str, Any]] = []
-        bumped: list[dict[str, Any]] = []
+        fresh: list[tuple[Any, ...]] = []
+        bumped: list[tuple[Any, ...]] = []
         for vin, loaded, state, last_ts, next_tick in states:
             assert state is not None
-            state_json = json.dumps(state, separators=(",", ":"))
             if loaded.version is None:
-                fresh.append(
-                    {
-                        "vin": vin,
-                        "state_json": state_json,
-                        "version": 1,
-                        "last_ts": last_ts,
-                        "updated_ms": now,
-                        "next_tick_ms": next_tick,
-                    }
-                )
+                fresh.append((vin, state, last_ts, now, next_tick))
             else:
-                bumped.append(
-                    {
-                        "b_vin": vin,
-                        "b_version": loaded.version,
-                        "b_state": state_json,
-                        "b_last_ts": last_ts,
-                        "b_next_tick": next_tick,
-                    }
-                )
-        # Core statements on the session's connection (same transaction): an ORM bulk UPDATE would not take the
-        # version criterion.
+                bumped.append((state, last_ts, now, next_tick, vin, loaded.version))
         conn = session.connection()
         if fresh:
-            conn.execute(_STATE_TABLE.insert(), fresh)
+            conn.exec_driver_sql(self._insert_state, fresh)
         if bumped:
-            for p in bumped:
-                p["b_updated_ms"] = now
             if conn.dialect.supports_sane_multi_rowcount:
-                done = conn.execute(_UPDATE_STATE, bumped).rowcount
+                done = conn.exec_driver_sql(self._update_state, bumped).rowcount
             else:
-                done = sum(conn.execute(_UPDATE_STATE, p).rowcount for p in bumped)
+                done = sum(conn.exec_driver_sql(self._update_state, p).rowcount for p in bumped)
             if done != len(bumped):
                 raise RuleStateConflict(
                     f"rule state of {len(bumped) - done} of {len(bumped)} vehicles changed under their version"
@@ -1150,7 +1130,7 @@ class AlarmService:
             self._restore(scratch, vin, state_json, under_lock=False)
             events = scratch.tick(vin, ctx, now)
             # Saved even without events: the state moved on (durations, last observation) and so did the due time.
-            state = scratch.export_state(vin)
+            state = scratch.export_json(vin)
             assert state is not None
             last_ts = scratch.state(vin).last_ts
             next_tick = scratch.next_tick_ms(vin, ctx, now)

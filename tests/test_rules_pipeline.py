@@ -139,7 +139,7 @@ def test_the_state_row_is_authoritative_version_checked_and_an_unreadable_one_is
     v = Vehicle(VIN)
     ingest(svc, v.batch(0, [56.0] * 3))
     assert svc.alarms is not None
-    state = svc.alarms.rules.export_state(VIN)
+    state = svc.alarms.rules.export_json(VIN)
     assert state is not None
     # A save based on an older version than the row's fails the transaction (it is retried from the row).
     with Session(svc.engine) as session, session.begin():

@@ -107,6 +107,11 @@ class RuleEngine:
         st = self._states.get(vin)
         return None if st is None else st.to_dict()
 
+    def export_json(self, vin: str) -> str | None:
+        """`export_state` as JSON text (what the alarm service persists), written without the intermediate dict."""
+        st = self._states.get(vin)
+        return None if st is None else st.to_json()
+
     def restore_state(self, vin: str, data: Mapping[str, Any]) -> None:
         """Resume a vehicle from `export_state` output (raises RuleStateError if it is not one)."""
         self._states[vin] = VehicleRuleState.from_dict(dict(data))
