@@ -29,7 +29,7 @@ from tests.conftest import wait_until
 from zhilian.broker import MosquittoProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKEND_NAMES = [ed25519.LIBCRYPTO, ed25519.CRYPTOGRAPHY]
+BACKEND_NAMES = [ed25519.LIBCRYPTO, ed25519.CRYPTOGRAPHY, ed25519.LIBSODIUM]
 
 # RFC 8032, section 7.1: TEST 1, 2, 3, 1024 (a 1023-byte message) and SHA(abc) — (seed, public, message, signature).
 RFC8032 = {
@@ -115,6 +115,8 @@ def backend(request: pytest.FixtureRequest) -> ed25519.Ed25519Backend:
 
 LIBCRYPTO = ed25519.load_backend(ed25519.LIBCRYPTO)
 CRYPTOGRAPHY = ed25519.load_backend(ed25519.CRYPTOGRAPHY)
+LIBSODIUM = ed25519.load_backend(ed25519.LIBSODIUM)
+ALL = (LIBCRYPTO, CRYPTOGRAPHY, LIBSODIUM)
 
 
 # --- RFC 8032 ----------------------------------------------------------------------------------------------
@@ -138,39 +140,40 @@ def test_the_1023_byte_message_is_the_rfcs() -> None:
     assert len(bytes.fromhex(RFC8032["test1024"][2])) == 1023
 
 
-# --- the two backends agree --------------------------------------------------------------------------------
+# --- the backends agree --------------------------------------------------------------------------------
 
 seeds = st.binary(min_size=32, max_size=32)
 messages = st.binary(max_size=2048)
 
 
 @given(seeds, messages)
-def test_both_backends_sign_alike_and_verify_each_other(seed: bytes, message: bytes) -> None:
-    ours, theirs = LIBCRYPTO.private_key(seed), CRYPTOGRAPHY.private_key(seed)
-    assert ours.public_raw == theirs.public_raw
-    signature = ours.sign(message)
-    assert signature == theirs.sign(message)  # Ed25519 is deterministic
-    CRYPTOGRAPHY.verify(ours.public_raw, signature, message)
-    LIBCRYPTO.verify(theirs.public_raw, theirs.sign(message), message)
+def test_all_backends_sign_alike_and_verify_each_other(seed: bytes, message: bytes) -> None:
+    keys = [backend.private_key(seed) for backend in ALL]
+    assert len({key.public_raw for key in keys}) == 1
+    signatures = [key.sign(message) for key in keys]
+    assert len(set(signatures)) == 1  # Ed25519 is deterministic
+    for backend in ALL:
+        for key, signature in zip(keys, signatures, strict=True):
+            backend.verify(key.public_raw, signature, message)
 
 
 @given(seeds, messages, st.integers(0, 8 * ed25519.SIGNATURE_LEN - 1))
-def test_a_flipped_signature_bit_fails_on_both(seed: bytes, message: bytes, bit: int) -> None:
+def test_a_flipped_signature_bit_fails_on_all(seed: bytes, message: bytes, bit: int) -> None:
     key = LIBCRYPTO.private_key(seed)
     bad = bytearray(key.sign(message))
     bad[bit // 8] ^= 1 << (bit % 8)
-    for backend in (LIBCRYPTO, CRYPTOGRAPHY):
+    for backend in ALL:
         with pytest.raises(SignatureError, match="does not verify"):
             backend.verify(key.public_raw, bytes(bad), message)
 
 
 @given(seeds, messages, messages)
-def test_another_message_fails_on_both(seed: bytes, message: bytes, other: bytes) -> None:
+def test_another_message_fails_on_all(seed: bytes, message: bytes, other: bytes) -> None:
     if other == message:
         other = message + b"\x01"
     key = CRYPTOGRAPHY.private_key(seed)
     signature = key.sign(message)
-    for backend in (LIBCRYPTO, CRYPTOGRAPHY):
+    for backend in ALL:
         with pytest.raises(SignatureError):
             backend.verify(key.public_raw, signature, other)
 
@@ -178,7 +181,7 @@ def test_another_message_fails_on_both(seed: bytes, message: bytes, other: bytes
 @given(st.binary(max_size=80).filter(lambda b: len(b) != 64), st.binary(max_size=40).filter(lambda b: len(b) != 32))
 def test_wrong_lengths_are_signature_errors(signature: bytes, public: bytes) -> None:
     key = LIBCRYPTO.private_key(b"\x01" * 32)
-    for backend in (LIBCRYPTO, CRYPTOGRAPHY):
+    for backend in ALL:
         with pytest.raises(SignatureError, match="does not verify"):
             backend.verify(key.public_raw, signature, b"m")
         with pytest.raises(SignatureError, match="32 bytes"):
@@ -323,7 +326,7 @@ def test_another_algorithms_key_file_is_a_key_file_error(tmp_path: Path, algorit
             DeviceKey.load(path, backend)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)  # file I/O per example: its timing is not what this tests
 @given(st.binary(max_size=120))
 def test_a_garbage_key_file_is_a_key_file_error_on_both(tmp_path_factory: pytest.TempPathFactory, der: bytes) -> None:
     path = tmp_path_factory.mktemp("garbage") / "device.key"
@@ -334,14 +337,27 @@ def test_a_garbage_key_file_is_a_key_file_error_on_both(tmp_path_factory: pytest
             DeviceKey.load(path, backend)
 
 
+# A point of order 2 (y = -1, x = 0): OpenSSL takes it as a public key, libsodium refuses it, both when a key is
+# registered (`check_public`) and when a signature is verified under it. No generated key is one.
+SMALL_ORDER_POINT = (2**255 - 19 - 1).to_bytes(32, "little")
+
+
+def test_libsodium_refuses_a_small_order_public_key_that_openssl_takes() -> None:
+    CRYPTOGRAPHY.check_public(SMALL_ORDER_POINT)
+    with pytest.raises(SignatureError, match="invalid public key"):
+        LIBSODIUM.check_public(SMALL_ORDER_POINT)
+    with pytest.raises(SignatureError, match="does not verify"):
+        LIBSODIUM.verify(SMALL_ORDER_POINT, bytes(64), b"m")
+
+
 # --- selection ---------------------------------------------------------------------------------------------
 
 
-def test_the_agent_prefers_libcrypto_and_the_rest_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_agent_prefers_libcrypto_and_the_rest_libsodium(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ed25519.BACKEND_ENV, raising=False)
     assert ed25519.select_backend(ed25519.AGENT_PREFERENCE) is LIBCRYPTO
-    assert ed25519.select_backend() is CRYPTOGRAPHY
-    assert ed25519.default_backend() is CRYPTOGRAPHY
+    assert ed25519.select_backend() is LIBSODIUM
+    assert ed25519.default_backend() is LIBSODIUM
     skipped: list[str] = []
     got = ed25519.select_backend(("no-such-backend", ed25519.CRYPTOGRAPHY), lambda name, _: skipped.append(name))
     assert got is CRYPTOGRAPHY and skipped == ["no-such-backend"]
