@@ -371,7 +371,11 @@ class MqttBridge:
                             with contextlib.suppress(asyncio.CancelledError):
                                 await publisher
                     if publisher is not None and publisher.done() and not publisher.cancelled():
-                        raise RuntimeError("bridge command publisher died") from publisher.exception()
+                        error = publisher.exception()
+                        # Returning is how it stops once `stop` is set, and it may return in the very loop turn
+                        # that ends the wait above (its poll timed out just then): that is no death.
+                        if error is not None or not stop.is_set():
+                            raise RuntimeError("bridge command publisher died") from error
                     if adapter.disconnected.done():
                         log.warning(
                             "bridge lost broker connection",

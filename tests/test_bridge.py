@@ -118,3 +118,36 @@ def test_messages_published_while_bridge_is_away_are_delivered_after_it_returns(
         service.close()
 
     asyncio.run(go())
+
+
+def test_a_publisher_that_stops_with_the_bridge_is_no_death(
+    tmp_path: Path, mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command publisher returns once `stop` is set; it may do so in the same loop turn that ends the bridge's
+    wait (seen in CI: its poll timed out just then). Here it always does: it waits on `stop` itself."""
+    from broker_bridge.commands import CommandPublisher
+
+    async def stops_with_the_bridge(self: CommandPublisher, client: object, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    monkeypatch.setattr(CommandPublisher, "run", stops_with_the_bridge)
+
+    async def go() -> None:
+        service, _ = _service_with_device(tmp_path / "ingest")
+        bridge = MqttBridge(
+            service.pipeline.ingest_many, host=mosquitto.host, port=mosquitto.port, control=service.commands
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        try:
+            await bridge.wait_subscribed(10)
+            stop.set()
+            await asyncio.wait_for(task, 15)  # raised "bridge command publisher died" before
+            assert bridge.stats.connects == 1
+        finally:
+            stop.set()
+            if not task.done():
+                task.cancel()
+            service.close()
+
+    asyncio.run(go())
