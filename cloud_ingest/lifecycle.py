@@ -50,6 +50,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from cloud_ingest import sqltext
 from cloud_ingest.db import SQLITE_BEGIN_OPTION, Base, Device
 from cloud_ingest.errors import IngestError, StorageError
 from protocol import Batch, Catalogue
@@ -764,41 +765,74 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _vehicle_track(row: VehicleLifecycleRow) -> VehicleTrack:
+# `vehicle_lifecycle`'s columns in `VehicleTrack`'s order (vin first), for the plain-SQL telemetry path.
+_TRACK_COLUMNS = (
+    "vin",
+    "state",
+    "since_ms",
+    "activity",
+    "activity_since_ms",
+    "pending_activity",
+    "pending_since_ms",
+    "battery_barcode",
+    "odometer_m",
+    "next_service_m",
+    "maintenance_due",
+    "last_ts_ms",
+    "speed_ts_ms",
+    "speed_kmh",
+    "current_a",
+)
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A vehicle row loaded (and locked) by this transaction, and whether its track changed since written."""
+
+    track: VehicleTrack
+    dirty: bool = False
+
+
+def _track_of(v: tuple[Any, ...]) -> VehicleTrack:
+    """A `_TRACK_COLUMNS` row as a track (SQLite gives booleans as 0/1)."""
     return VehicleTrack(
-        vin=row.vin,
-        state=VehicleState(row.state),
-        since_ms=row.since_ms,
-        activity=None if row.activity is None else Activity(row.activity),
-        activity_since_ms=row.activity_since_ms,
-        pending=None if row.pending_activity is None else Activity(row.pending_activity),
-        pending_since_ms=row.pending_since_ms,
-        battery=row.battery_barcode,
-        odometer_m=row.odometer_m,
-        next_service_m=row.next_service_m,
-        maintenance_due=row.maintenance_due,
-        last_ts_ms=row.last_ts_ms,
-        speed_ts_ms=row.speed_ts_ms,
-        speed_kmh=row.speed_kmh,
-        current_a=row.current_a,
+        vin=v[0],
+        state=VehicleState(v[1]),
+        since_ms=v[2],
+        activity=None if v[3] is None else Activity(v[3]),
+        activity_since_ms=v[4],
+        pending=None if v[5] is None else Activity(v[5]),
+        pending_since_ms=v[6],
+        battery=v[7],
+        odometer_m=float(v[8]),
+        next_service_m=float(v[9]),
+        maintenance_due=bool(v[10]),
+        last_ts_ms=v[11],
+        speed_ts_ms=v[12],
+        speed_kmh=v[13],
+        current_a=v[14],
     )
 
 
-def _store_vehicle_track(row: VehicleLifecycleRow, v: VehicleTrack) -> None:
-    row.state = v.state.value
-    row.since_ms = v.since_ms
-    row.activity = None if v.activity is None else v.activity.value
-    row.activity_since_ms = v.activity_since_ms
-    row.pending_activity = None if v.pending is None else v.pending.value
-    row.pending_since_ms = v.pending_since_ms
-    row.battery_barcode = v.battery
-    row.odometer_m = v.odometer_m
-    row.next_service_m = v.next_service_m
-    row.maintenance_due = v.maintenance_due
-    row.last_ts_ms = v.last_ts_ms
-    row.speed_ts_ms = v.speed_ts_ms
-    row.speed_kmh = v.speed_kmh
-    row.current_a = v.current_a
+def _track_params(t: VehicleTrack) -> tuple[Any, ...]:
+    """The UPDATE's parameters: every column but vin in `_TRACK_COLUMNS`' order, then vin."""
+    return (
+        t.state.value,
+        t.since_ms,
+        None if t.activity is None else t.activity.value,
+        t.activity_since_ms,
+        None if t.pending is None else t.pending.value,
+        t.pending_since_ms,
+        t.battery,
+        t.odometer_m,
+        t.next_service_m,
+        t.maintenance_due,
+        t.last_ts_ms,
+        t.speed_ts_ms,
+        t.speed_kmh,
+        t.current_a,
+        t.vin,
+    )
 
 
 def _battery_track(row: BatteryRow) -> BatteryTrack:
@@ -848,6 +882,15 @@ class LifecycleService:
         if upsert is None:
             raise StorageError(f"life cycles support SQLite and PostgreSQL, not {engine.dialect.name}")
         self._upsert = upsert
+        m = self._mark = sqltext.marker(engine)
+        self._for_update = " FOR UPDATE" if engine.dialect.name == "postgresql" else ""
+        self._insert_track = (
+            "INSERT INTO vehicle_lifecycle (vin, state, since_ms, odometer_m, next_service_m, maintenance_due) "
+            f"VALUES ({sqltext.marks(6, m)}) ON CONFLICT (vin) DO NOTHING"
+        )
+        self._update_track = (
+            f"UPDATE vehicle_lifecycle SET {', '.join(f'{c} = {m}' for c in _TRACK_COLUMNS[1:])} WHERE vin = {m}"
+        )
         self._m_events = Counter(
             "zhilian_lifecycle_events",
             "Life-cycle changes recorded, by entity, event and source",
@@ -859,29 +902,30 @@ class LifecycleService:
 
     def prepare(self, session: Session, by_vin: Mapping[str, Sequence[Batch]]) -> None:
         """Load and lock all of an ingest call's vehicle rows and the packs their batches name, in a few statements
-        (rows of vehicles seen for the first time are created), for `observe` to find in `session.info`."""
-        rows: dict[str, VehicleLifecycleRow] = session.info.setdefault(_ROWS_KEY, {})
+        (rows of vehicles seen for the first time are created), for `observe` to find in `session.info`.
+
+        Vehicle rows are read and written as plain SQL (`VehicleTrack`s, written back by `finish` in one
+        executemany), not as ORM objects: loading and flushing a dozen ORM rows per call cost more CPU than the
+        statements themselves."""
+        rows: dict[str, _Tracked] = session.info.setdefault(_ROWS_KEY, {})
         packs: dict[str, BatteryRow | None] = session.info.setdefault(_PACKS_KEY, {})
         todo = sorted(vin for vin in by_vin if vin not in rows)
         if todo:
             first_ts = {vin: min(b.timestamps[0] for b in by_vin[vin] if b.timestamps) for vin in todo}
-            found = self._lock_rows(session, todo)
+            found = self._lock_tracks(session, todo)
             new = [vin for vin in todo if vin not in found]
             if new:
-                ins = self._upsert(VehicleLifecycleRow.__table__).values(
-                    [self._initial_row(v, first_ts[v]) for v in new]
-                )
-                session.execute(ins.on_conflict_do_nothing(index_elements=["vin"]))
-                found.update(self._lock_rows(session, new, refresh=True))
+                self._create_tracks(session, [(vin, first_ts[vin]) for vin in new])
+                found.update(self._lock_tracks(session, new))
             missing = [vin for vin in todo if vin not in found]
             if missing:
                 raise StorageError(f"lifecycle: vehicle rows for {missing[:3]} vanished")
             rows.update(found)
         wanted: set[str] = set()
         for vin, batches in by_vin.items():
-            row = rows[vin]
-            if row.battery_barcode is not None:
-                wanted.add(row.battery_barcode)
+            battery = rows[vin].track.battery
+            if battery is not None:
+                wanted.add(battery)
             for batch in batches:
                 wanted |= self.tracker.barcodes_in(batch)
         ask = sorted(wanted - packs.keys())
@@ -898,16 +942,27 @@ class LifecycleService:
         session.info.pop(_ROWS_KEY, None)
         session.info.pop(_PACKS_KEY, None)
 
+    def finish(self, session: Session) -> None:
+        """Write back the vehicle rows this call's batches changed: one executemany for all of them."""
+        rows: dict[str, _Tracked] = session.info.get(_ROWS_KEY, {})
+        dirty = sorted((vin, t) for vin, t in rows.items() if t.dirty)
+        if not dirty:
+            return
+        session.connection().exec_driver_sql(self._update_track, [_track_params(t.track) for _, t in dirty])
+        for _, t in dirty:
+            t.dirty = False
+
     def observe(self, session: Session, vin: str, batch: Batch) -> None:
         """Move `vin`'s machines by one stored batch, inside the ledger's transaction (`session`)."""
         if not batch.timestamps:
             return
-        rows: dict[str, VehicleLifecycleRow] = session.info.setdefault(_ROWS_KEY, {})
+        rows: dict[str, _Tracked] = session.info.setdefault(_ROWS_KEY, {})
         known: dict[str, BatteryRow | None] = session.info.setdefault(_PACKS_KEY, {})
-        row = rows.get(vin)
-        if row is None:
-            row = rows[vin] = self._vehicle_row(session, vin, batch.timestamps[0])
-        track = _vehicle_track(row)
+        tracked = rows.get(vin)
+        if tracked is None:
+            self.prepare(session, {vin: [batch]})
+            tracked = rows[vin]
+        track = tracked.track
         wanted = self.tracker.barcodes_in(batch)
         if track.battery is not None:
             wanted.add(track.battery)
@@ -921,7 +976,7 @@ class LifecycleService:
         packs = {code: b for code in wanted if (b := known[code]) is not None}
         tracks = {code: _battery_track(b) for code, b in packs.items()}
         outcome = self.tracker.step(track, tracks, batch)
-        _store_vehicle_track(row, track)
+        tracked.dirty = True  # written back by `finish`, once per call
         created = False
         for code, pack in outcome.batteries.items():
             stored = packs.get(code)
@@ -939,7 +994,18 @@ class LifecycleService:
             session.flush()  # new packs exist before another vehicle's binding to them is released
         changes = list(outcome.changes)
         for other, code in outcome.released:
-            changes.extend(self._release(session, other, code, batch.timestamps[-1], f"battery moved to {vin}"))
+            note = f"battery moved to {vin}"
+            held = rows.get(other)
+            if held is None:
+                changes.extend(self._release(session, other, code, batch.timestamps[-1], note))
+            elif held.track.battery == code:
+                # A vehicle of this same call: its row is written back by `finish`, so release it in its track.
+                held.track.battery = None
+                held.dirty = True
+                state = held.track.state.value
+                changes.append(
+                    Change.mark(EntityKind.VEHICLE, other, EventKind.UNPAIRED, state, batch.timestamps[-1], note, code)
+                )
         self._record(session, changes, Source.TELEMETRY, Source.TELEMETRY.value)
         if outcome.skipped_rows:
             log.info(
@@ -1186,20 +1252,30 @@ class LifecycleService:
             "maintenance_due": False,
         }
 
-    @staticmethod
-    def _lock_rows(session: Session, vins: Sequence[str], refresh: bool = False) -> dict[str, VehicleLifecycleRow]:
-        found: dict[str, VehicleLifecycleRow] = {}
-        for i in range(0, len(vins), 500):
-            stmt = (
-                select(VehicleLifecycleRow)
-                .where(VehicleLifecycleRow.vin.in_(vins[i : i + 500]))
-                .order_by(VehicleLifecycleRow.vin)
-                .with_for_update()
+    def _lock_tracks(self, session: Session, vins: Sequence[str]) -> dict[str, _Tracked]:
+        """The vehicles' rows as tracks, locked in VIN order (as every worker takes them)."""
+        conn = session.connection()
+        found: dict[str, _Tracked] = {}
+        for chunk in sqltext.chunks(vins, 500):
+            sql = (
+                f"SELECT {', '.join(_TRACK_COLUMNS)} FROM vehicle_lifecycle WHERE vin IN "
+                f"({sqltext.marks(len(chunk), self._mark)}) ORDER BY vin{self._for_update}"
             )
-            if refresh:
-                stmt = stmt.execution_options(populate_existing=True)
-            found.update((r.vin, r) for r in session.scalars(stmt))
+            for values in conn.exec_driver_sql(sql, tuple(chunk)):
+                track = _track_of(tuple(values))
+                found[track.vin] = _Tracked(track)
         return found
+
+    def _create_tracks(self, session: Session, first_seen: Sequence[tuple[str, int]]) -> None:
+        """Rows in the initial state for vehicles seen for the first time (devices predate life cycles); a row
+        another worker created meanwhile stays as it is."""
+        session.connection().exec_driver_sql(
+            self._insert_track,
+            [
+                (r["vin"], r["state"], r["since_ms"], r["odometer_m"], r["next_service_m"], r["maintenance_due"])
+                for r in (self._initial_row(vin, now) for vin, now in first_seen)
+            ],
+        )
 
     def _vehicle_row(self, session: Session, vin: str, now: int) -> VehicleLifecycleRow:
         """The vehicle's row, locked; created in the initial state on first use (devices predate life cycles)."""

@@ -17,8 +17,9 @@ TELEMETRY batch exactly once, inside the ledger's transaction:
   move a vehicle's clock past samples still to come.
 - An observer may also have `prepare(session, by_vin)`: called once per ingest call, before its `observe` calls,
   with every vehicle's batches of the call, so it can load (and lock) all their state in a few statements instead
-  of a few per vehicle. And `discard(session)`: called after its savepoint was rolled back, to drop whatever
-  in-memory state it derived inside it.
+  of a few per vehicle; `finish(session)`: called once after its `observe` calls, inside the same savepoint, to
+  write what it accumulated (one statement for all the call's vehicles); and `discard(session)`: called after its
+  savepoint was rolled back, to drop whatever in-memory state it derived inside it.
 - Each observer runs inside one SAVEPOINT for all the call's vehicles (one flush of its writes, not one per
   vehicle). A database error (SQLAlchemyError, StorageError) propagates: the whole transaction rolls back and nothing
   is acknowledged, so the batch is retried. Any other exception is a bug in that observer: its savepoint is rolled
@@ -377,6 +378,9 @@ class IngestPipeline:
         for vin, batches in by_vin.items():
             for batch in batches:
                 observer.observe(session, vin, batch)
+        finish = getattr(observer, "finish", None)
+        if finish is not None:
+            finish(session)
 
     def _observer_failed(self, observer: SampleObserver, vin: str) -> None:
         name = type(observer).__name__

@@ -122,11 +122,14 @@ class Api:
 
     # -- telemetry ------------------------------------------------------------------------------------------
 
-    def send(self, vin: str, rows: list[tuple[int, dict[str, Any]]]) -> bytes:
+    def seal(self, vin: str, rows: list[tuple[int, dict[str, Any]]]) -> bytes:
         body = encode_batch(batch_from_rows(rows), self.svc.catalogue)
-        raw = seal_envelope(
+        return seal_envelope(
             Envelope(vin, KEY.key_id, 1, next(self._seq), rows[0][0], Kind.TELEMETRY, Flags.NONE, body), KEY
         )
+
+    def send(self, vin: str, rows: list[tuple[int, dict[str, Any]]]) -> bytes:
+        raw = self.seal(vin, rows)
         result = self.svc.pipeline.ingest_one(vin, raw)
         assert result.outcome == "stored", result
         return raw
@@ -391,6 +394,31 @@ def test_battery_swap_is_detected_by_a_changed_barcode(ingest: Api) -> None:
     assert api.client.get(f"/v1/batteries/{b_code}", headers=api.viewer).json()["chemistry"] == "NMC"
     r = api.client.post("/v1/batteries", json={"barcode": "PACK-A", "cells": 13}, headers=api.operator)
     assert r.status_code == 200 and r.json()["registered"] is True and r.json()["state"] == "in_service"
+
+
+@pytest.mark.parametrize("taker_first", [False, True], ids=["holder-first", "taker-first"])
+def test_a_pack_moving_between_two_vehicles_of_one_ingest_call(ingest: Api, taker_first: bool) -> None:
+    """Both vehicles' rows are loaded by the same call: the holder's release must reach its row too (it is
+    written back once, at the end of the call), whichever of the two the call processes first (VIN order)."""
+    api = ingest
+    low, high = sorted([api.new_vehicle(VehicleState.REGISTERED), api.new_vehicle(VehicleState.REGISTERED)])
+    holder, taker = (high, low) if taker_first else (low, high)
+    code = new_barcode()
+    api.send(holder, [(T0, {BARCODE: code, PACK_CURRENT: -5.0})])
+    assert api.vehicle(holder)["battery_barcode"] == code
+    results = api.svc.pipeline.ingest_many(
+        [
+            (holder, api.seal(holder, [(T0 + 1000, {PACK_CURRENT: 0.0})])),
+            (taker, api.seal(taker, [(T0 + 2000, {BARCODE: code, PACK_CURRENT: -4.0})])),
+        ]
+    )
+    assert [r.outcome for r in results] == ["stored", "stored"]
+    assert api.battery(code)["vin"] == taker
+    assert api.vehicle(taker)["battery_barcode"] == code
+    left = api.vehicle(holder)
+    assert left["battery_barcode"] is None
+    unpaired = [e for e in left["history"] if e["event"] == "unpaired"]
+    assert [(e["related"], e["source"]) for e in unpaired] == [(code, "telemetry")]
 
 
 def test_soh_and_service_life_thresholds_from_telemetry(ingest: Api) -> None:
