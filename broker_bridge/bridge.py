@@ -240,10 +240,11 @@ class MqttBridge:
             await self._process(items, stop)
 
     async def _fill_batch(self, first: _Inbound) -> list[_Inbound]:
-        """`first` and what arrives within `linger_s` of it, up to `max_batch`.  A pipeline call costs a fixed
-        ≈ 6.5 ms of CPU (its transaction and a dozen statements) on top of ≈ 1.2 ms per message: taking the one or
-        two messages a moderate load has queued would spend most of a core on that fixed part, a core the store and
-        broker on the same machine need.  Under overload the queue already holds a full batch and nothing waits."""
+        """`first` and what arrives within `linger_s` of it, up to `max_batch`.  A pipeline call costs a fixed part
+        (its transaction, a dozen statements, the store's write: several ms of CPU, BENCHMARKS.md) on top of its
+        cost per message: taking the one or two messages a moderate load has queued would spend most of a core on
+        that fixed part, a core the store and broker on the same machine need.  Under overload the queue already
+        holds a full batch and nothing waits."""
         items = [first]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.linger_s
