@@ -8,6 +8,8 @@ revisions in cloud_ingest/migrations/ (`init_db` runs them); a model change need
 from __future__ import annotations
 
 import enum
+import sqlite3
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -167,6 +169,22 @@ class VehicleProfile(Base):
     updated_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+def _switch_to_wal(cur: Any) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while another connection holds the lock it needs. Switching a new file
+    needs an exclusive lock, and SQLite answers "database is locked" at once, without its busy handler, when
+    another process is inside a write transaction (workers starting together: one migrates, the others failed
+    in 5 of 30 trials)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -175,9 +193,9 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            _switch_to_wal(cur)
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
         finally:
             cur.close()
