@@ -516,10 +516,6 @@ _UPDATE_STATE = (
 _NO_PROFILE = Profile()
 
 
-def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
-    return [items[i : i + _IN_CHUNK] for i in range(0, len(items), _IN_CHUNK)]
-
-
 @dataclass(slots=True)
 class _Loaded:
     """A vehicle checked out by one transaction: its row version (None: no row yet) and its context."""
@@ -552,8 +548,7 @@ class AlarmService:
         self._mark = mark
         self._insert_state = _INSERT_STATE.format(m=mark)
         self._update_state = _UPDATE_STATE.format(m=mark)
-        # Row locks where the database has them (SQLite's write transaction locks the whole file anyway).
-        self._for_update = " FOR UPDATE" if engine.dialect.name == "postgresql" else ""
+        self._for_update = sqltext.for_update(engine)
         self.rules = rules
         # Ticks run on a scratch engine of their own (same rules): they never touch the ingest cache.
         self._tick_rules = tick_rules if tick_rules is not None else RuleEngine(rules.config, rules.catalogue)
@@ -697,7 +692,7 @@ class AlarmService:
         order = sorted(vins)
         versions: dict[str, int] = {}
         conn = session.connection()
-        for chunk in _chunks(order):
+        for chunk in sqltext.chunks(order, _IN_CHUNK):
             sql = (
                 f"SELECT vin, version FROM rule_state WHERE vin IN ({sqltext.marks(len(chunk), self._mark)}) "
                 f"ORDER BY vin{self._for_update}"
@@ -715,7 +710,7 @@ class AlarmService:
                         stale.append(vin)
                 # From here the engine's state runs ahead of what committed.
                 self._committed.pop(vin, None)
-        for chunk in _chunks(stale):
+        for chunk in sqltext.chunks(stale, _IN_CHUNK):
             saved = session.execute(
                 select(RuleStateRow.vin, RuleStateRow.state_json).where(RuleStateRow.vin.in_(chunk))
             ).all()
@@ -786,7 +781,7 @@ class AlarmService:
                 missing.append(vin)
         profiles: dict[str, Profile] = {}
         status_locked: set[str] = set()
-        for chunk in _chunks(missing):
+        for chunk in sqltext.chunks(missing, _IN_CHUNK):
             for row in session.scalars(select(VehicleProfile).where(VehicleProfile.vin.in_(chunk))):
                 profiles[row.vin] = Profile.of(row)
             ask = [vin for vin in chunk if profiles.get(vin, _NO_PROFILE).locked is None]

@@ -793,7 +793,7 @@ class _Tracked:
     dirty: bool = False
 
 
-def _track_of(v: tuple[Any, ...]) -> VehicleTrack:
+def _track_of(v: Sequence[Any]) -> VehicleTrack:
     """A `_TRACK_COLUMNS` row as a track (SQLite gives booleans as 0/1)."""
     return VehicleTrack(
         vin=v[0],
@@ -883,7 +883,7 @@ class LifecycleService:
             raise StorageError(f"life cycles support SQLite and PostgreSQL, not {engine.dialect.name}")
         self._upsert = upsert
         m = self._mark = sqltext.marker(engine)
-        self._for_update = " FOR UPDATE" if engine.dialect.name == "postgresql" else ""
+        self._for_update = sqltext.for_update(engine)
         self._insert_track = (
             "INSERT INTO vehicle_lifecycle (vin, state, since_ms, odometer_m, next_service_m, maintenance_due) "
             f"VALUES ({sqltext.marks(6, m)}) ON CONFLICT (vin) DO NOTHING"
@@ -1262,7 +1262,7 @@ class LifecycleService:
                 f"({sqltext.marks(len(chunk), self._mark)}) ORDER BY vin{self._for_update}"
             )
             for values in conn.exec_driver_sql(sql, tuple(chunk)):
-                track = _track_of(tuple(values))
+                track = _track_of(values)
                 found[track.vin] = _Tracked(track)
         return found
 

@@ -36,6 +36,12 @@ def marker(engine: Engine | Connection) -> str:
     return found
 
 
+def for_update(engine: Engine | Connection) -> str:
+    """The suffix that row-locks a SELECT's rows: ` FOR UPDATE` on PostgreSQL; nothing on SQLite, whose write
+    transaction holds the whole file anyway."""
+    return " FOR UPDATE" if engine.dialect.name == "postgresql" else ""
+
+
 @lru_cache(maxsize=4096)
 def rows(count: int, width: int, mark: str) -> str:
     """`(?, ?), (?, ?)`: `count` rows of `width` placeholders."""
